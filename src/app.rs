@@ -1,0 +1,366 @@
+//! Assembles the daemon from a checked [`Config`]: development defaults, store, service,
+//! workers and listeners. [`build`] returns a [`Running`] handle with the bound addresses and a
+//! graceful [`Running::shutdown`]. Tests call `build` with port 0 and a temp data dir.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::apps::{ApiKey, Apps};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{AppConfig, Config, Secret, Transport as TransportKind};
+use crate::http::api::{ApiState, Readiness};
+use crate::http::{Listener, Server};
+use crate::metrics::Metrics;
+use crate::outbox::retry::RetryPolicy;
+use crate::outbox::transport::Transport;
+use crate::outbox::worker::{self, WorkerConfig};
+use crate::store::Store;
+use crate::templates::Templates;
+use crate::verification::service::{Parts, Service};
+use crate::verification::token::{Keyring, SigningKey};
+
+/// File in the data dir holding generated signing keys.
+pub const SIGNING_KEYS_FILE: &str = "signing-keys";
+/// File in the data dir holding the development app's API key.
+pub const DEV_API_KEY_FILE: &str = "dev-api-key";
+/// How often idempotency keys are pruned.
+const IDEMPOTENCY_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::store::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file in the data dir could not be read or written.
+    #[error("{what} ({path}): {source}")]
+    DataDir {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something else that must be fixed before start.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Options that are not configuration (tests inject a clock).
+#[derive(Clone)]
+pub struct BuildOptions {
+    /// Wall clock for persisted instants.
+    pub clock: SharedClock,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// A running daemon.
+pub struct Running {
+    /// Bound api listener address.
+    pub api_addr: SocketAddr,
+    /// Bound public listener address.
+    pub public_addr: SocketAddr,
+    /// Readiness flags.
+    pub ready: Arc<Readiness>,
+    /// The service (tests use it to tick the sweeper).
+    pub service: Service,
+    /// Notes for the operator gathered at start (development mode; no secrets).
+    pub notes: Vec<String>,
+    /// A development API key created at this start: show it once on the console, never log it.
+    pub created_key: Option<String>,
+    stop_http: watch::Sender<bool>,
+    stop_background: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    store: Store,
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, drain in-flight requests, stop the workers after
+    /// their current deliveries, then persist the store.
+    pub async fn shutdown(self) {
+        self.ready.draining.store(true, Ordering::Relaxed);
+        let _ = self.stop_http.send(true);
+        for s in self.servers {
+            let _ = s.await;
+        }
+        let _ = self.stop_background.send(true);
+        for b in self.background {
+            let _ = b.await;
+        }
+        self.store.close().await;
+    }
+}
+
+fn data_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::DataDir {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes a secret file readable only by its owner.
+fn write_secret(path: &Path, content: &str) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(data_err("cannot create secret file", path))?;
+    f.write_all(content.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(data_err("cannot write secret file", path))
+}
+
+/// Fills in development defaults: signing keys and a `dev` app, generated once into the data
+/// dir.
+///
+/// # Errors
+/// The data dir is not writable.
+pub fn prepare(cfg: &mut Config) -> Result<Prepared, Error> {
+    let mut notes = Vec::new();
+    let mut created_key = None;
+    let dir = cfg.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(data_err("cannot create data dir", &dir))?;
+    if cfg.signing.keys.is_empty() {
+        let path = dir.join(SIGNING_KEYS_FILE);
+        if !path.exists() {
+            let key = SigningKey::generate("k1")
+                .map_err(|_| Error::Setup("the OS random source failed".into()))?;
+            write_secret(&path, &format!("{key}\n"))?;
+            notes.push(format!("generated a signing key in {}", path.display()));
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(data_err("cannot read signing keys", &path))?;
+        cfg.signing.keys = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| Secret::new(l.to_string()))
+            .collect();
+    }
+    if cfg.apps.is_empty() {
+        let path = dir.join(DEV_API_KEY_FILE);
+        if !path.exists() {
+            let key = crate::cli::random_token("vg_dev_")
+                .map_err(|_| Error::Setup("the OS random source failed".into()))?;
+            write_secret(&path, &format!("{key}\n"))?;
+            notes.push(format!(
+                "development mode: created app \"dev\"; its API key is saved in {}",
+                path.display()
+            ));
+            created_key = Some(key);
+        } else {
+            notes.push(format!(
+                "development mode: app \"dev\", API key in {}",
+                path.display()
+            ));
+        }
+        let key = std::fs::read_to_string(&path)
+            .map_err(data_err("cannot read the dev API key", &path))?;
+        cfg.apps.push(AppConfig {
+            id: "dev".into(),
+            api_keys: vec![Secret::new(ApiKey::of(key.trim()).to_config_string())],
+            redirect_prefixes: vec![
+                "http://localhost:3000/".into(),
+                "http://127.0.0.1:3000/".into(),
+                "http://localhost:8000/".into(),
+                "http://127.0.0.1:8000/".into(),
+            ],
+            ..AppConfig::default()
+        });
+    }
+    cfg.check()?;
+    Ok(Prepared { notes, created_key })
+}
+
+/// What [`prepare`] did.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Notes for the operator (no secrets).
+    pub notes: Vec<String>,
+    /// The development API key, when it was created just now (to show once, never to log).
+    pub created_key: Option<String>,
+}
+
+/// Builds and starts the daemon.
+///
+/// # Errors
+/// Bad configuration, an unopenable store, or an unbindable address.
+pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error> {
+    let Prepared { notes, created_key } = prepare(&mut cfg)?;
+    let keys = cfg
+        .signing
+        .keys
+        .iter()
+        .map(|k| SigningKey::parse(k.expose()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Setup(format!("signing key: {e}")))?;
+    let keys = Arc::new(Keyring::new(keys).map_err(|e| Error::Setup(e.to_string()))?);
+    let store = {
+        let dir = cfg.data_dir.clone();
+        let scfg = cfg.store.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir, &scfg))
+            .await
+            .map_err(|e| Error::Setup(format!("store open task failed: {e}")))??
+    };
+    let metrics = Metrics::new().map_err(|e| Error::Setup(e.to_string()))?;
+    let templates = Arc::new(Templates::builtin().map_err(|e| Error::Setup(e.to_string()))?);
+    let apps = Apps::from_config(&cfg).map_err(Error::Setup)?;
+    let mail_ready = Arc::new(Notify::new());
+    let service = Service::new(Parts {
+        store: store.clone(),
+        keys,
+        clock: opts.clock.clone(),
+        policy: cfg.verification.clone(),
+        public_base_url: cfg.public_base_url.clone(),
+        templates,
+        metrics: metrics.clone(),
+        apps,
+        mail_ready: mail_ready.clone(),
+        default_from: cfg.delivery.from.clone(),
+    });
+    let transport = match cfg.delivery.transport {
+        TransportKind::File => {
+            let dir = cfg.mail_dir();
+            std::fs::create_dir_all(&dir)
+                .map_err(data_err("cannot create the mail folder", &dir))?;
+            Transport::File { dir }
+        }
+        TransportKind::Log => Transport::Log,
+        TransportKind::Smtp => {
+            return Err(Error::Setup(
+                "delivery.transport = \"smtp\" is not available in this build yet; use \"file\" or \"log\"".into(),
+            ));
+        }
+    };
+    let ready = Arc::new(Readiness::default());
+    ready
+        .transport_seen
+        .store(transport.is_ready(), Ordering::Relaxed);
+
+    let (stop_http, http_rx) = watch::channel(false);
+    let (stop_background, bg_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    {
+        let service = service.clone();
+        let ready = ready.clone();
+        let wcfg = WorkerConfig {
+            lease: Duration::from_secs(cfg.delivery.lease_seconds),
+            retry: RetryPolicy::default(),
+            concurrency: cfg.delivery.workers,
+        };
+        let rx = bg_rx.clone();
+        background.push(tokio::spawn(async move {
+            ready.worker_running.store(true, Ordering::Relaxed);
+            worker::run(service, transport, wcfg, mail_ready, rx).await;
+            ready.worker_running.store(false, Ordering::Relaxed);
+        }));
+    }
+    {
+        let service = service.clone();
+        let mut rx = bg_rx.clone();
+        let every = Duration::from_millis(cfg.verification.sweep_interval_ms.max(10));
+        background.push(tokio::spawn(async move {
+            let mut last_prune = tokio::time::Instant::now();
+            loop {
+                if let Err(e) = service.sweep_expired().await {
+                    tracing::error!(error = %e, "expiry sweep failed");
+                }
+                if last_prune.elapsed() >= IDEMPOTENCY_PRUNE_INTERVAL {
+                    last_prune = tokio::time::Instant::now();
+                    if let Err(e) = service.prune_idempotency().await {
+                        tracing::error!(error = %e, "idempotency prune failed");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = rx.changed() => break,
+                }
+            }
+        }));
+    }
+
+    let api = Server::bind(
+        cfg.listen.api,
+        Listener::Api,
+        crate::http::api::router(ApiState {
+            service: service.clone(),
+            ready: ready.clone(),
+        }),
+        cfg.http.clone(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|source| Error::Bind {
+        addr: cfg.listen.api,
+        source,
+    })?;
+    let public = Server::bind(
+        cfg.listen.public,
+        Listener::Public,
+        crate::http::public::router(service.clone()),
+        cfg.http.clone(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|source| Error::Bind {
+        addr: cfg.listen.public,
+        source,
+    })?;
+    let api_addr = api.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.listen.api,
+        source,
+    })?;
+    let public_addr = public.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.listen.public,
+        source,
+    })?;
+    let servers = vec![
+        tokio::spawn(api.run(http_rx.clone())),
+        tokio::spawn(public.run(http_rx)),
+    ];
+    Ok(Running {
+        api_addr,
+        public_addr,
+        ready,
+        service,
+        notes,
+        created_key,
+        stop_http,
+        stop_background,
+        servers,
+        background,
+        store,
+    })
+}

@@ -1,0 +1,203 @@
+//! The command line: `serve`, `config check`, `keys generate`. Parses arguments, loads the
+//! configuration and runs the chosen command; `main.rs` only calls [`run`].
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use clap::{Parser, Subcommand};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::apps::ApiKey;
+use crate::config::{Config, LogFormat, Sources};
+use crate::verification::token::SigningKey;
+
+/// Bytes of randomness in a generated API key.
+const API_KEY_BYTES: usize = 32;
+
+/// verigate: email-verification gateway.
+#[derive(Debug, Parser)]
+#[command(name = "verigate", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Configuration file (else $VERIGATE_CONFIG, else /etc/verigate/config.toml if present).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Configuration tools.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Key tools.
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+/// `config` actions.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the effective configuration (secrets redacted); fail on unknown keys.
+    Check {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `keys` actions.
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Print a new signing key, webhook secret and API key (with its sha256 form for config).
+    Generate {
+        /// Key id of the signing key.
+        #[arg(long, default_value = "k1")]
+        kid: String,
+    },
+}
+
+/// A random URL-safe token with a prefix.
+///
+/// # Errors
+/// The OS random source failed.
+pub fn random_token(prefix: &str) -> Result<String, ring::error::Unspecified> {
+    let mut b = [0u8; API_KEY_BYTES];
+    SystemRandom::new().fill(&mut b)?;
+    Ok(format!("{prefix}{}", URL_SAFE_NO_PAD.encode(b)))
+}
+
+fn init_tracing(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("VERIGATE_LOG").unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// Runs the command line.
+///
+/// # Errors
+/// Anything that stops the command, with a message for the operator.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config } => serve(config).await,
+        Command::Config {
+            action: ConfigAction::Check { config },
+        } => {
+            let sources = Sources::from_cli(config);
+            let mut cfg = Config::load(&sources).context("configuration is not valid")?;
+            if let Some(f) = &sources.file {
+                eprintln!(
+                    "# configuration from {} and VERIGATE_* environment",
+                    f.display()
+                );
+            } else {
+                eprintln!("# no configuration file: built-in defaults and VERIGATE_* environment");
+            }
+            // Show what serve would use, without creating anything.
+            if cfg.apps.is_empty() {
+                eprintln!("# no [[apps]]: serve would run in development mode with an app \"dev\"");
+            }
+            if cfg.signing.keys.is_empty() {
+                eprintln!(
+                    "# no signing keys: serve would generate one in {}",
+                    cfg.data_dir.join(crate::app::SIGNING_KEYS_FILE).display()
+                );
+                cfg.signing.keys.clear();
+            }
+            print!("{}", cfg.to_redacted_toml()?);
+            Ok(())
+        }
+        Command::Keys {
+            action: KeysAction::Generate { kid },
+        } => {
+            let signing = SigningKey::generate(&kid)
+                .map_err(|_| anyhow::anyhow!("the OS random source failed"))?;
+            SigningKey::parse(&signing).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut w = [0u8; 32];
+            SystemRandom::new()
+                .fill(&mut w)
+                .map_err(|_| anyhow::anyhow!("the OS random source failed"))?;
+            let webhook = format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode(w)
+            );
+            let api =
+                random_token("vg_").map_err(|_| anyhow::anyhow!("the OS random source failed"))?;
+            println!("# signing key: put under [signing] keys = [...] (newest first)");
+            println!("signing_key = \"{signing}\"");
+            println!("# webhook secret: give it to the app, put it in [[apps]] webhook_secret");
+            println!("webhook_secret = \"{webhook}\"");
+            println!(
+                "# API key: give the plain key to the app; put the sha256 form in [[apps]] api_keys"
+            );
+            println!("api_key = \"{api}\"");
+            println!(
+                "api_key_config = \"{}\"",
+                ApiKey::of(&api).to_config_string()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> Result<()> {
+    let sources = Sources::from_cli(config);
+    let cfg = Config::load(&sources).context("configuration is not valid")?;
+    init_tracing(&cfg);
+    let running = crate::app::build(cfg, crate::app::BuildOptions::default())
+        .await
+        .context("cannot start")?;
+    for n in &running.notes {
+        tracing::warn!("{n}");
+    }
+    if let Some(key) = &running.created_key {
+        // The console only: logs are shipped and kept, this key must not be.
+        eprintln!("verigate: development API key (shown once): {key}");
+    }
+    tracing::info!(api = %running.api_addr, public = %running.public_addr, "verigate is listening");
+    eprintln!(
+        "verigate: api on http://{}, public on http://{}",
+        running.api_addr, running.public_addr
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining requests, stopping workers, persisting the store");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

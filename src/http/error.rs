@@ -1,0 +1,179 @@
+//! The public, stable error shape of the HTTP API:
+//! `{"error": {"code": "<stable_snake_case>", "message": "<for a person>", "field": "<optional>"}}`
+//! plus named extras (e.g. `attempts_remaining`). Anything unexpected is logged with the request
+//! id and answered with a generic 500: internal errors are never echoed.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use crate::verification::service::Error as ServiceError;
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// For a person.
+    pub message: String,
+    /// The request field at fault.
+    pub field: Option<String>,
+    /// Extra members of the error object.
+    pub extra: Map<String, Value>,
+    /// `Retry-After`, seconds.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            extra: Map::new(),
+            retry_after: None,
+        }
+    }
+
+    /// Names the field at fault.
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// Adds an extra member.
+    pub fn with(mut self, key: &str, value: Value) -> Self {
+        self.extra.insert(key.into(), value);
+        self
+    }
+
+    /// Sets `Retry-After`.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// 500 with a generic message; the cause must already be logged.
+    pub fn internal() -> Self {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Something went wrong on our side. Try again; if it persists, tell the operator the request id.",
+        )
+    }
+
+    /// The JSON response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut obj = Map::new();
+        obj.insert("code".into(), Value::from(self.code));
+        obj.insert("message".into(), Value::from(self.message));
+        if let Some(f) = self.field {
+            obj.insert("field".into(), Value::from(f));
+        }
+        obj.extend(self.extra);
+        let body = json!({ "error": obj }).to_string();
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = self.status;
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        use ServiceError as E;
+        match e {
+            E::InvalidField { field, message } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message).with_field(field)
+            }
+            E::InvalidEmail(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", m).with_field("email")
+            }
+            E::InvalidRedirect(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_redirect_url", m)
+                    .with_field("redirect_url")
+            }
+            E::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such verification.")
+            }
+            E::Expired => ApiError::new(
+                StatusCode::GONE,
+                "expired",
+                "This verification has expired. Start a new one.",
+            ),
+            E::Locked => ApiError::new(
+                StatusCode::LOCKED,
+                "locked",
+                "Too many wrong codes. Start a new verification.",
+            ),
+            E::InvalidCode { remaining } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_code",
+                "The code is not correct.",
+            )
+            .with_field("code")
+            .with("attempts_remaining", Value::from(remaining)),
+            E::Closed(s) => {
+                let (code, msg) = match s {
+                    crate::verification::Status::Superseded => (
+                        "superseded",
+                        "A newer verification replaced this one; use the newest code or link.",
+                    ),
+                    crate::verification::Status::Canceled => {
+                        ("canceled", "This verification was canceled.")
+                    }
+                    crate::verification::Status::Verified => {
+                        ("verified", "This verification is already verified.")
+                    }
+                    crate::verification::Status::Locked => ("locked", "Too many wrong codes."),
+                    crate::verification::Status::DeliveryFailed => (
+                        "delivery_failed",
+                        "The email could not be delivered; start a new verification.",
+                    ),
+                    crate::verification::Status::Expired => {
+                        ("expired", "This verification has expired.")
+                    }
+                    crate::verification::Status::Pending => {
+                        ("pending", "This verification is still pending.")
+                    }
+                };
+                let status = match s {
+                    crate::verification::Status::Locked => StatusCode::LOCKED,
+                    crate::verification::Status::Expired => StatusCode::GONE,
+                    _ => StatusCode::CONFLICT,
+                };
+                ApiError::new(status, code, msg)
+            }
+            E::NoCode => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "no_code",
+                "This verification was sent as a link and has no code.",
+            ),
+            E::IdempotencyConflict => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_conflict",
+                "This Idempotency-Key was already used with a different request body.",
+            ),
+            E::Store(e) => {
+                tracing::error!(error = %e, "store failure");
+                ApiError::internal()
+            }
+            E::Crypto => {
+                tracing::error!("random source or cipher failure");
+                ApiError::internal()
+            }
+        }
+    }
+}

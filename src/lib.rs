@@ -1,0 +1,33 @@
+//! verigate: an email-verification gateway that runs beside any web app.
+//!
+//! Crate map (one module per domain word):
+//!
+//! - [`cli`]: the command line (`serve`, `config check`, `keys generate`).
+//! - [`config`]: configuration tree, loading (defaults → TOML → `VERIGATE_*`), [`config::Secret`].
+//! - [`app`]: assembles and starts the daemon; graceful shutdown.
+//! - [`http`]: the two listeners, layers, routers, the JSON error shape.
+//! - [`verification`]: the record and state machine; tokens, codes; the service over the store.
+//! - [`address`]: email address syntax and normalization.
+//! - [`outbox`]: durable delivery queue: entries, retry policy, transports, the mail worker.
+//! - [`store`]: the fjall database behind one group-committing writer.
+//! - [`templates`]: built-in mail and page templates (en, zh-CN).
+//! - [`mail`]: RFC 5322 messages with header safety by construction.
+//! - [`apps`]: tenants, API keys, redirect prefixes.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`clock`]: wall time for persisted instants; a manual clock for tests.
+//! - [`id`]: time-ordered, prefixed identifiers.
+
+pub mod address;
+pub mod app;
+pub mod apps;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod id;
+pub mod mail;
+pub mod metrics;
+pub mod outbox;
+pub mod store;
+pub mod templates;
+pub mod verification;

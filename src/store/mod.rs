@@ -1,0 +1,684 @@
+//! The embedded store: one fjall database, written by one thread that groups concurrent
+//! operations into one fsync'd batch (group commit).
+//!
+//! Keyspaces (layouts in [`keys`], values in [`codec`]):
+//!
+//! | keyspace | key | value |
+//! |---|---|---|
+//! | `verifications` | id | [`Verification`] |
+//! | `current` | app `\0` purpose `\0` email | id of the verification in force |
+//! | `expiry` | be_u64 expires_at ‖ id | empty: the sweeper's index |
+//! | `idempotency` | app `\0` key | [`IdempotencyRecord`] |
+//! | `outbox` | message id | [`OutboxEntry`] |
+//! | `outbox_due` | lane ‖ be_u64 due_at ‖ message id | empty: the workers' index |
+//!
+//! Invariants: all writes of one state change happen in one [`Store::write`] operation and so in
+//! one batch; an outbox record and its due-index key move together; a `write` answers only after
+//! its batch is durably on disk. Reads ([`Store::read`]) see committed data. fjall calls block,
+//! so they run on the writer thread or in `spawn_blocking`, never on the async reactor.
+//!
+//! The seam for other engines (DESIGN §12) is [`Tx`]: a PostgreSQL store would implement the
+//! same typed operations inside one SQL transaction.
+
+pub mod codec;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::UnixTime;
+use crate::config::{StoreConfig, SyncMode};
+use crate::id::{MessageId, VerificationId};
+use crate::outbox::{Lane, OutboxEntry};
+use crate::verification::Verification;
+
+/// Operations waiting for the writer; beyond this, callers wait (backpressure).
+const WRITE_QUEUE: usize = 8192;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// fjall failed (I/O; after a write error the database is poisoned and must restart).
+    #[error("storage engine: {0}")]
+    Engine(#[from] fjall::Error),
+    /// A stored value cannot be read.
+    #[error("stored value: {0}")]
+    Decode(#[from] codec::DecodeError),
+    /// A value cannot be written.
+    #[error("encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The writer has stopped (shutdown, or it died).
+    #[error("store is closed")]
+    Closed,
+    /// The batch holding this operation failed to commit.
+    #[error("commit failed: {0}")]
+    Commit(String),
+    /// The folder or a thread could not be set up.
+    #[error("store setup: {0}")]
+    Setup(#[source] std::io::Error),
+    /// A blocking read task failed.
+    #[error("read task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Result of store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A remembered `Idempotency-Key` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// SHA-256 of the request body, hex.
+    pub request_hash: String,
+    /// HTTP status of the first answer.
+    pub status: u16,
+    /// Body of the first answer.
+    pub body: String,
+    /// When it was first answered.
+    pub created_at: UnixTime,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Ks {
+    Verifications,
+    Current,
+    Expiry,
+    Idempotency,
+    Outbox,
+    OutboxDue,
+}
+
+#[derive(Clone)]
+struct Keyspaces {
+    verifications: Keyspace,
+    current: Keyspace,
+    expiry: Keyspace,
+    idempotency: Keyspace,
+    outbox: Keyspace,
+    outbox_due: Keyspace,
+}
+
+impl Keyspaces {
+    fn get(&self, ks: Ks) -> &Keyspace {
+        match ks {
+            Ks::Verifications => &self.verifications,
+            Ks::Current => &self.current,
+            Ks::Expiry => &self.expiry,
+            Ks::Idempotency => &self.idempotency,
+            Ks::Outbox => &self.outbox,
+            Ks::OutboxDue => &self.outbox_due,
+        }
+    }
+}
+
+type Overlay = HashMap<(Ks, Vec<u8>), Option<Vec<u8>>>;
+type Finish = Box<dyn FnOnce(Result<(), Arc<Error>>) + Send>;
+type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Finish + Send>;
+
+enum Job {
+    Write(Op),
+    Stop(oneshot::Sender<()>),
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Batches committed.
+    pub commits: AtomicU64,
+    /// Operations committed.
+    pub ops: AtomicU64,
+}
+
+struct Inner {
+    db: Database,
+    ks: Keyspaces,
+    jobs: mpsc::Sender<Job>,
+    stats: Arc<StoreStats>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store(Arc<Inner>);
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` and starts the writer thread.
+    ///
+    /// # Errors
+    /// The folder cannot be created, the database is locked by another process, or recovery
+    /// failed.
+    pub fn open(dir: &Path, cfg: &StoreConfig) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(Error::Setup)?;
+        let db = Database::builder(dir.join("db"))
+            .cache_size(cfg.cache_mib.saturating_mul(1 << 20))
+            .open()?;
+        let opts = KeyspaceCreateOptions::default;
+        let ks = Keyspaces {
+            verifications: db.keyspace("verifications", opts)?,
+            current: db.keyspace("current", opts)?,
+            expiry: db.keyspace("expiry", opts)?,
+            idempotency: db.keyspace("idempotency", opts)?,
+            outbox: db.keyspace("outbox", opts)?,
+            outbox_due: db.keyspace("outbox_due", opts)?,
+        };
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let stats = Arc::new(StoreStats::default());
+        let writer = Writer {
+            db: db.clone(),
+            ks: ks.clone(),
+            jobs: rx,
+            max_group: cfg.max_group,
+            mode: match cfg.sync {
+                SyncMode::Data => PersistMode::SyncData,
+                SyncMode::All => PersistMode::SyncAll,
+            },
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("verigate-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(Error::Setup)?;
+        Ok(Store(Arc::new(Inner {
+            db,
+            ks,
+            jobs: tx,
+            stats,
+        })))
+    }
+
+    /// Commit counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.0.stats
+    }
+
+    /// Runs `f` on the writer thread. Its writes are kept if it returns `Ok` and dropped if it
+    /// returns `Err`; the answer comes back only after the batch holding them is synced.
+    ///
+    /// # Errors
+    /// `f`'s own error, or a store failure (the commit failed, or the store is closed).
+    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<Result<R, E>>();
+        let op: Op = Box::new(move |tx: &mut Tx<'_>| {
+            let r = f(tx);
+            if r.is_err() {
+                tx.discard();
+            }
+            Box::new(move |committed: Result<(), Arc<Error>>| {
+                let out = match committed {
+                    Ok(()) => r,
+                    Err(e) => Err(E::from(Error::Commit(e.to_string()))),
+                };
+                let _ = reply.send(out);
+            })
+        });
+        self.0
+            .jobs
+            .send(Job::Write(op))
+            .await
+            .map_err(|_| E::from(Error::Closed))?;
+        answer.await.map_err(|_| E::from(Error::Closed))?
+    }
+
+    /// Runs a read on a blocking thread against committed data.
+    ///
+    /// # Errors
+    /// `f`'s error or a failed task.
+    pub async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Reader) -> Result<R> + Send + 'static,
+    {
+        let reader = Reader {
+            ks: self.0.ks.clone(),
+        };
+        tokio::task::spawn_blocking(move || f(&reader)).await?
+    }
+
+    /// A reader for blocking contexts (tests, tools).
+    pub fn reader(&self) -> Reader {
+        Reader {
+            ks: self.0.ks.clone(),
+        }
+    }
+
+    /// Stops the writer after the operations already queued, then fsyncs the journal.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.0.jobs.send(Job::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let db = self.0.db.clone();
+        let _ = tokio::task::spawn_blocking(move || db.persist(PersistMode::SyncAll)).await;
+    }
+}
+
+struct Writer {
+    db: Database,
+    ks: Keyspaces,
+    jobs: mpsc::Receiver<Job>,
+    max_group: usize,
+    mode: PersistMode,
+    stats: Arc<StoreStats>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Some(first) = self.jobs.blocking_recv() {
+            let mut group = Vec::with_capacity(self.max_group.min(64));
+            let mut stop = None;
+            match first {
+                Job::Write(op) => group.push(op),
+                Job::Stop(done) => stop = Some(done),
+            }
+            while stop.is_none() && group.len() < self.max_group {
+                match self.jobs.try_recv() {
+                    Ok(Job::Write(op)) => group.push(op),
+                    Ok(Job::Stop(done)) => stop = Some(done),
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+            if let Some(done) = stop {
+                self.jobs.close();
+                // Fail whatever raced in after the stop.
+                while let Ok(job) = self.jobs.try_recv() {
+                    if let Job::Write(op) = job {
+                        drop(op);
+                    }
+                }
+                let _ = self.db.persist(PersistMode::SyncAll);
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn commit_group(&self, group: Vec<Op>) {
+        let mut overlay = Overlay::new();
+        let mut batch = self.db.batch().durability(Some(self.mode));
+        let mut finishes = Vec::with_capacity(group.len());
+        for op in group {
+            let mut tx = Tx {
+                ks: &self.ks,
+                overlay: &overlay,
+                staged: Vec::new(),
+                discard: false,
+            };
+            let finish = op(&mut tx);
+            let Tx {
+                staged, discard, ..
+            } = tx;
+            if !discard {
+                for (ks, key, val) in staged {
+                    match &val {
+                        Some(v) => batch.insert(self.ks.get(ks), key.clone(), v.clone()),
+                        None => batch.remove(self.ks.get(ks), key.clone()),
+                    }
+                    overlay.insert((ks, key), val);
+                }
+            }
+            finishes.push(finish);
+        }
+        let n = finishes.len() as u64;
+        let committed = batch.commit().map_err(|e| Arc::new(Error::Engine(e)));
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "store commit failed; the database may need a restart");
+        } else {
+            self.stats.commits.fetch_add(1, Ordering::Relaxed);
+            self.stats.ops.fetch_add(n, Ordering::Relaxed);
+        }
+        for finish in finishes {
+            finish(committed.clone());
+        }
+    }
+}
+
+/// One write operation's view: reads see committed data, then earlier operations of the same
+/// group, then this operation's own writes.
+pub struct Tx<'a> {
+    ks: &'a Keyspaces,
+    overlay: &'a Overlay,
+    staged: Vec<(Ks, Vec<u8>, Option<Vec<u8>>)>,
+    discard: bool,
+}
+
+impl Tx<'_> {
+    fn discard(&mut self) {
+        self.discard = true;
+    }
+
+    fn get_raw(&self, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some((_, _, v)) = self
+            .staged
+            .iter()
+            .rev()
+            .find(|(k, kk, _)| *k == ks && kk == key)
+        {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.overlay.get(&(ks, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        Ok(self.ks.get(ks).get(key)?.map(|s| s.to_vec()))
+    }
+
+    fn put_raw(&mut self, ks: Ks, key: Vec<u8>, val: Vec<u8>) {
+        self.staged.push((ks, key, Some(val)));
+    }
+
+    fn del_raw(&mut self, ks: Ks, key: Vec<u8>) {
+        self.staged.push((ks, key, None));
+    }
+
+    /// A verification by id.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn verification(&self, id: VerificationId) -> Result<Option<Verification>> {
+        self.get_raw(Ks::Verifications, &keys::verification(id))?
+            .map(|b| codec::decode(&b).map_err(Error::from))
+            .transpose()
+    }
+
+    /// Writes a verification and keeps its expiry index in step: the index holds
+    /// `expires_at` exactly while the verification is pending.
+    ///
+    /// # Errors
+    /// Engine, decode or encode failure.
+    pub fn put_verification(&mut self, v: &Verification) -> Result<()> {
+        let prev = self.verification(v.id)?;
+        if let Some(p) = &prev
+            && p.status == crate::verification::Status::Pending
+        {
+            self.del_raw(Ks::Expiry, keys::expiry(p.expires_at, p.id));
+        }
+        if v.status == crate::verification::Status::Pending {
+            self.put_raw(Ks::Expiry, keys::expiry(v.expires_at, v.id), Vec::new());
+        }
+        self.put_raw(
+            Ks::Verifications,
+            keys::verification(v.id),
+            codec::encode(v)?,
+        );
+        Ok(())
+    }
+
+    /// The verification in force for (app, purpose, email).
+    ///
+    /// # Errors
+    /// Engine failure or a corrupt id.
+    pub fn current(
+        &self,
+        app: &str,
+        purpose: &str,
+        email_key: &str,
+    ) -> Result<Option<VerificationId>> {
+        Ok(self
+            .get_raw(Ks::Current, &keys::current(app, purpose, email_key))?
+            .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+            .map(VerificationId::from_bytes))
+    }
+
+    /// Sets the verification in force for (app, purpose, email).
+    pub fn set_current(&mut self, app: &str, purpose: &str, email_key: &str, id: VerificationId) {
+        self.put_raw(
+            Ks::Current,
+            keys::current(app, purpose, email_key),
+            id.as_bytes().to_vec(),
+        );
+    }
+
+    /// A remembered idempotency answer.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn idempotency(&self, app: &str, key: &str) -> Result<Option<IdempotencyRecord>> {
+        self.get_raw(Ks::Idempotency, &keys::idempotency(app, key))?
+            .map(|b| codec::decode(&b).map_err(Error::from))
+            .transpose()
+    }
+
+    /// Remembers an idempotency answer.
+    ///
+    /// # Errors
+    /// Encode failure.
+    pub fn put_idempotency(&mut self, app: &str, key: &str, r: &IdempotencyRecord) -> Result<()> {
+        self.put_raw(
+            Ks::Idempotency,
+            keys::idempotency(app, key),
+            codec::encode(r)?,
+        );
+        Ok(())
+    }
+
+    /// Forgets an idempotency answer.
+    pub fn delete_idempotency_raw(&mut self, key: Vec<u8>) {
+        self.del_raw(Ks::Idempotency, key);
+    }
+
+    /// An outbox entry.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn outbox(&self, id: MessageId) -> Result<Option<OutboxEntry>> {
+        self.get_raw(Ks::Outbox, &keys::outbox(id))?
+            .map(|b| codec::decode(&b).map_err(Error::from))
+            .transpose()
+    }
+
+    /// Writes an outbox entry and moves its due-index key with it: indexed at `due_at` while
+    /// the entry is scheduled, not indexed otherwise.
+    ///
+    /// # Errors
+    /// Engine, decode or encode failure.
+    pub fn put_outbox(&mut self, e: &OutboxEntry) -> Result<()> {
+        if let Some(p) = self.outbox(e.id)?
+            && p.is_due_indexed()
+        {
+            self.del_raw(
+                Ks::OutboxDue,
+                keys::outbox_due(p.lane() as u8, p.due_at, p.id),
+            );
+        }
+        if e.is_due_indexed() {
+            self.put_raw(
+                Ks::OutboxDue,
+                keys::outbox_due(e.lane() as u8, e.due_at, e.id),
+                Vec::new(),
+            );
+        }
+        self.put_raw(Ks::Outbox, keys::outbox(e.id), codec::encode(e)?);
+        Ok(())
+    }
+
+    /// Deletes an outbox entry and its index key.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn delete_outbox(&mut self, id: MessageId) -> Result<bool> {
+        let Some(p) = self.outbox(id)? else {
+            return Ok(false);
+        };
+        if p.is_due_indexed() {
+            self.del_raw(
+                Ks::OutboxDue,
+                keys::outbox_due(p.lane() as u8, p.due_at, p.id),
+            );
+        }
+        self.del_raw(Ks::Outbox, keys::outbox(id));
+        Ok(true)
+    }
+}
+
+/// Reads of committed data (blocking; call through [`Store::read`]).
+pub struct Reader {
+    ks: Keyspaces,
+}
+
+impl Reader {
+    /// A verification by id.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn verification(&self, id: VerificationId) -> Result<Option<Verification>> {
+        self.ks
+            .verifications
+            .get(keys::verification(id))?
+            .map(|b| codec::decode(&b).map_err(Error::from))
+            .transpose()
+    }
+
+    /// The verification in force for (app, purpose, email).
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn current(
+        &self,
+        app: &str,
+        purpose: &str,
+        email_key: &str,
+    ) -> Result<Option<VerificationId>> {
+        Ok(self
+            .ks
+            .current
+            .get(keys::current(app, purpose, email_key))?
+            .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
+            .map(VerificationId::from_bytes))
+    }
+
+    /// Pending verifications whose `expires_at` is at or before `now`, oldest first.
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn expired_by(&self, now: UnixTime, limit: usize) -> Result<Vec<VerificationId>> {
+        let end = keys::expiry(now, VerificationId::from_bytes([0xff; 16]));
+        let mut out = Vec::new();
+        for g in self.ks.expiry.range(..=end) {
+            let k = g.key()?;
+            if let Some((_, id)) = keys::parse_expiry(&k) {
+                out.push(id);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Outbox entries of `lane` due at or before `now`, earliest first.
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn due(&self, lane: Lane, now: UnixTime, limit: usize) -> Result<Vec<MessageId>> {
+        let start = keys::outbox_due(lane as u8, UnixTime(0), MessageId::from_bytes([0; 16]));
+        let end = keys::outbox_due(lane as u8, now, MessageId::from_bytes([0xff; 16]));
+        let mut out = Vec::new();
+        for g in self.ks.outbox_due.range(start..=end) {
+            let k = g.key()?;
+            if let Some((_, _, id)) = keys::parse_outbox_due(&k) {
+                out.push(id);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest due time in `lane`, if any entry is scheduled.
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn next_due(&self, lane: Lane) -> Result<Option<UnixTime>> {
+        let Some(g) = self.ks.outbox_due.prefix([lane as u8]).next() else {
+            return Ok(None);
+        };
+        let k = g.key()?;
+        Ok(keys::parse_outbox_due(&k).map(|(_, at, _)| at))
+    }
+
+    /// Scheduled entries in `lane` (approximate count from the index).
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn scheduled_count(&self, lane: Lane) -> Result<usize> {
+        let mut n = 0;
+        for g in self.ks.outbox_due.prefix([lane as u8]) {
+            g.key()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// An outbox entry.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn outbox(&self, id: MessageId) -> Result<Option<OutboxEntry>> {
+        self.ks
+            .outbox
+            .get(keys::outbox(id))?
+            .map(|b| codec::decode(&b).map_err(Error::from))
+            .transpose()
+    }
+
+    /// Outbox entries after `after` (exclusive), in id order, at most `limit`.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn outbox_page(&self, after: Option<MessageId>, limit: usize) -> Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(a) => {
+                let mut start = keys::outbox(a);
+                start.push(0);
+                self.ks.outbox.range(start..)
+            }
+            None => self.ks.outbox.iter(),
+        };
+        for g in iter {
+            let (_, v) = g.into_inner()?;
+            out.push(codec::decode(&v)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Idempotency keys remembered since before `cutoff` (for pruning), at most `limit`.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn stale_idempotency(&self, cutoff: UnixTime, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for g in self.ks.idempotency.iter() {
+            let (k, v) = g.into_inner()?;
+            let r: IdempotencyRecord = codec::decode(&v)?;
+            if r.created_at < cutoff {
+                out.push(k.to_vec());
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,1057 @@
+//! The verification service: drives the pure state machine ([`super`]) through the store,
+//! writing every state change, its outbox entries and its indexes in one durable operation.
+//! Owns request validation for the v1 API; does not know HTTP (see `http`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::token::{Keyring, TokenError, TokenKind};
+use super::{
+    CodeCheck, CodeState, Delivery, DeliveryStatus, LinkConfirm, Method, Prefetch, Status,
+    Verification,
+};
+use crate::address;
+use crate::apps::{App, Apps};
+use crate::clock::{SharedClock, UnixTime};
+use crate::config::VerificationPolicy;
+use crate::id::{MessageId, VerificationId};
+use crate::metrics::Metrics;
+use crate::outbox::{CallbackJob, EmailJob, OutboxEntry, Payload};
+use crate::store::{self, IdempotencyRecord, Store, Tx};
+use crate::templates::{self, Templates};
+
+/// Largest `subject`, bytes.
+const MAX_SUBJECT_BYTES: usize = 256;
+/// Largest `metadata`, bytes of JSON.
+const MAX_METADATA_BYTES: usize = 4096;
+/// Largest purpose label, characters.
+const MAX_PURPOSE_LEN: usize = 32;
+/// Largest `Idempotency-Key`, bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+/// Longest locale tag we accept.
+const MAX_LOCALE_LEN: usize = 35;
+/// Longest redirect URL.
+const MAX_REDIRECT_URL_LEN: usize = 2048;
+/// Longest User-Agent kept for a prefetch.
+const MAX_USER_AGENT_LEN: usize = 256;
+/// Expired verifications handled per sweep.
+const SWEEP_BATCH: usize = 512;
+
+/// Why a request could not be served. The HTTP layer maps each to a status and stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A field is missing or wrong.
+    #[error("{message}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// For a person.
+        message: String,
+    },
+    /// The address is not an address.
+    #[error("{0}")]
+    InvalidEmail(String),
+    /// The redirect URL is not allowed.
+    #[error("{0}")]
+    InvalidRedirect(String),
+    /// No such verification (for this app).
+    #[error("no such verification")]
+    NotFound,
+    /// Past its lifetime.
+    #[error("this verification has expired")]
+    Expired,
+    /// Attempt budget spent.
+    #[error("too many wrong codes; start a new verification")]
+    Locked,
+    /// Wrong code.
+    #[error("the code is not correct")]
+    InvalidCode {
+        /// Attempts left.
+        remaining: u32,
+    },
+    /// No longer usable (superseded, canceled, delivery failed, verified).
+    #[error("this verification is {}", .0.as_str())]
+    Closed(Status),
+    /// The verification was sent as a link and has no code.
+    #[error("this verification has no code; it was sent as a link")]
+    NoCode,
+    /// Same Idempotency-Key, different body.
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyConflict,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The random source or a cipher failed.
+    #[error("cryptographic failure")]
+    Crypto,
+}
+
+/// Result of service calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `POST /v1/verifications` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The address.
+    pub email: String,
+    /// Link, code or both. Default link.
+    pub method: Option<Method>,
+    /// Purpose label. Default `signup`.
+    pub purpose: Option<String>,
+    /// The app's id for the person.
+    pub subject: Option<String>,
+    /// Where the confirm button leads.
+    pub redirect_url: Option<String>,
+    /// BCP 47 tag.
+    pub locale: Option<String>,
+    /// Lifetime override.
+    pub ttl_seconds: Option<u64>,
+    /// The end user's IP.
+    pub client_ip: Option<String>,
+    /// Echoed to the app.
+    pub metadata: Option<Value>,
+}
+
+/// `POST /v1/verifications/check` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// The verification, or…
+    pub id: Option<String>,
+    /// …the address and purpose of the one in force.
+    pub email: Option<String>,
+    /// Purpose when looking up by address. Default `signup`.
+    pub purpose: Option<String>,
+    /// The code as typed.
+    pub code: String,
+    /// The end user's IP (for rate limits).
+    pub client_ip: Option<String>,
+}
+
+/// An answer to replay for a repeated Idempotency-Key, or a fresh one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: String,
+}
+
+/// What the confirm page should show for a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkView {
+    /// Not a token of ours.
+    Invalid,
+    /// Token fine, verification in this state.
+    Found {
+        /// The verification.
+        id: VerificationId,
+        /// Effective status.
+        status: Status,
+        /// Address to show.
+        email: String,
+        /// Page locale.
+        locale: String,
+        /// Where to send the person after POST.
+        redirect_url: Option<String>,
+    },
+}
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Service(Arc<Inner>);
+
+struct Inner {
+    store: Store,
+    keys: Arc<Keyring>,
+    clock: SharedClock,
+    policy: VerificationPolicy,
+    public_base: String,
+    templates: Arc<Templates>,
+    metrics: Metrics,
+    apps: Apps,
+    mail_ready: Arc<Notify>,
+    default_from: String,
+}
+
+/// Everything the service is built from.
+pub struct Parts {
+    /// The store.
+    pub store: Store,
+    /// Signing keys.
+    pub keys: Arc<Keyring>,
+    /// Wall clock.
+    pub clock: SharedClock,
+    /// Policy.
+    pub policy: VerificationPolicy,
+    /// `public_base_url`.
+    pub public_base_url: String,
+    /// Templates.
+    pub templates: Arc<Templates>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Tenants.
+    pub apps: Apps,
+    /// Woken when mail is queued.
+    pub mail_ready: Arc<Notify>,
+    /// `delivery.from`.
+    pub default_from: String,
+}
+
+fn field(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidField {
+        field,
+        message: message.into(),
+    }
+}
+
+fn check_purpose(p: &str) -> Result<()> {
+    if p.is_empty()
+        || p.len() > MAX_PURPOSE_LEN
+        || !p
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(field("purpose", "purpose must match [a-z0-9_]{1,32}"));
+    }
+    Ok(())
+}
+
+fn check_locale(l: &str) -> Result<()> {
+    if l.is_empty()
+        || l.len() > MAX_LOCALE_LEN
+        || !l
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(field(
+            "locale",
+            "locale must be a BCP 47 tag such as \"en\" or \"zh-CN\"",
+        ));
+    }
+    Ok(())
+}
+
+/// SHA-256 of a request body, hex; the identity of a request for Idempotency-Key.
+pub fn body_hash(body: &[u8]) -> String {
+    crate::apps::encode_hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref())
+}
+
+impl Service {
+    /// Builds the service.
+    pub fn new(p: Parts) -> Self {
+        Service(Arc::new(Inner {
+            store: p.store,
+            keys: p.keys,
+            clock: p.clock,
+            policy: p.policy,
+            public_base: p.public_base_url.trim_end_matches('/').to_string(),
+            templates: p.templates,
+            metrics: p.metrics,
+            apps: p.apps,
+            mail_ready: p.mail_ready,
+            default_from: p.default_from,
+        }))
+    }
+
+    /// The current time.
+    pub fn now(&self) -> UnixTime {
+        self.0.clock.now()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// The keyring.
+    pub fn keys(&self) -> &Keyring {
+        &self.0.keys
+    }
+
+    /// The templates.
+    pub fn templates(&self) -> &Templates {
+        &self.0.templates
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Tenants.
+    pub fn apps(&self) -> &Apps {
+        &self.0.apps
+    }
+
+    /// Policy.
+    pub fn policy(&self) -> &VerificationPolicy {
+        &self.0.policy
+    }
+
+    /// The confirm link for a verification.
+    pub fn link_url(&self, v: &Verification) -> String {
+        let token = self.0.keys.sign(TokenKind::Link, v.id, v.expires_at);
+        format!("{}/v/{token}", self.0.public_base)
+    }
+
+    /// Starts a verification (DESIGN §3.1). `idempotency` is the key and the body's hash.
+    ///
+    /// # Errors
+    /// Invalid input, an idempotency conflict, or a store failure.
+    pub async fn create(
+        &self,
+        app: &App,
+        req: CreateRequest,
+        idempotency: Option<(String, String)>,
+    ) -> Result<Reply> {
+        let now = self.now();
+        let policy = &self.0.policy;
+        let method = req.method.unwrap_or(Method::Link);
+        let purpose = req.purpose.unwrap_or_else(|| "signup".into());
+        check_purpose(&purpose)?;
+        if let Some(s) = &req.subject
+            && s.len() > MAX_SUBJECT_BYTES
+        {
+            return Err(field(
+                "subject",
+                format!("subject must be at most {MAX_SUBJECT_BYTES} bytes"),
+            ));
+        }
+        if let Some(m) = &req.metadata {
+            if !m.is_object() {
+                return Err(field("metadata", "metadata must be a JSON object"));
+            }
+            if serde_json::to_vec(m).map(|b| b.len()).unwrap_or(usize::MAX) > MAX_METADATA_BYTES {
+                return Err(field(
+                    "metadata",
+                    format!("metadata must be at most {MAX_METADATA_BYTES} bytes of JSON"),
+                ));
+            }
+        }
+        if let Some(ip) = &req.client_ip
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(field(
+                "client_ip",
+                "client_ip must be an IPv4 or IPv6 address",
+            ));
+        }
+        if let Some(l) = &req.locale {
+            check_locale(l)?;
+        }
+        let redirect_url = match &req.redirect_url {
+            Some(u) if u.len() > MAX_REDIRECT_URL_LEN => {
+                return Err(Error::InvalidRedirect(format!(
+                    "redirect_url must be at most {MAX_REDIRECT_URL_LEN} bytes"
+                )));
+            }
+            Some(u) => Some(app.check_redirect(u).map_err(Error::InvalidRedirect)?),
+            None => None,
+        };
+        let ttl = match req.ttl_seconds {
+            Some(t) if t < policy.min_ttl_seconds || t > policy.max_ttl_seconds => {
+                return Err(field(
+                    "ttl_seconds",
+                    format!(
+                        "ttl_seconds must be between {} and {}",
+                        policy.min_ttl_seconds, policy.max_ttl_seconds
+                    ),
+                ));
+            }
+            Some(t) => t,
+            None if method.has_code() => policy.code_ttl_seconds,
+            None => policy.link_ttl_seconds,
+        };
+        let addr = address::parse(&req.email, &address::Options::default())
+            .map_err(|e| Error::InvalidEmail(e.to_string()))?;
+        let email_key = addr.normalized.to_lowercase();
+        let locale =
+            templates::pick_locale(req.locale.as_deref(), &policy.default_locale).to_string();
+
+        let id = VerificationId::generate(now);
+        let expires_at = now.plus(Duration::from_secs(ttl));
+        let code = if method.has_code() {
+            let alphabet = policy.code_alphabet.as_bytes();
+            let code =
+                super::code::draw(alphabet, policy.code_length).map_err(|_| Error::Crypto)?;
+            let (kid, mac) = self.0.keys.code_mac(id, &code);
+            let sealed = self
+                .0
+                .keys
+                .seal_code(id, &code)
+                .map_err(|_| Error::Crypto)?;
+            Some(CodeState {
+                kid,
+                mac: crate::apps::encode_hex(&mac),
+                sealed,
+                attempts: 0,
+                max_attempts: policy.max_attempts,
+            })
+        } else {
+            None
+        };
+        let v = Verification {
+            id,
+            app: app.id.clone(),
+            email: addr.normalized.clone(),
+            email_key,
+            ascii_email: addr.ascii_email.clone(),
+            purpose,
+            subject: req.subject,
+            method,
+            locale,
+            redirect_url,
+            metadata: req.metadata,
+            created_at: now,
+            expires_at,
+            verified_at: None,
+            updated_at: now,
+            status: Status::Pending,
+            code,
+            delivery: Delivery {
+                status: DeliveryStatus::Queued,
+                attempts: 0,
+                last_error: None,
+                sent_at: None,
+            },
+            prefetches: Vec::new(),
+        };
+        let watch_token = self.0.keys.sign(TokenKind::Watch, id, expires_at);
+        let body = json!({
+            "id": id.to_string(),
+            "status": "pending",
+            "email": v.email,
+            "method": method.as_str(),
+            "purpose": v.purpose,
+            "expires_at": expires_at.to_rfc3339(),
+            "watch_token": watch_token,
+        })
+        .to_string();
+        let mail = self.email_entry(app, &v, now);
+        let app_cfg = app.config.clone();
+        let this = self.clone();
+        let (reply, superseded) = self
+            .0
+            .store
+            .write(move |tx| -> Result<(Reply, Option<Method>)> {
+                if let Some((key, hash)) = &idempotency
+                    && let Some(prev) = tx.idempotency(&v.app, key)?
+                    && prev
+                        .created_at
+                        .plus(Duration::from_secs(this.0.policy.idempotency_ttl_seconds))
+                        > now
+                {
+                    if &prev.request_hash != hash {
+                        return Err(Error::IdempotencyConflict);
+                    }
+                    return Ok((
+                        Reply {
+                            status: prev.status,
+                            body: prev.body,
+                        },
+                        None,
+                    ));
+                }
+                let mut superseded = None;
+                if let Some(old_id) = tx.current(&v.app, &v.purpose, &v.email_key)?
+                    && let Some(mut old) = tx.verification(old_id)?
+                {
+                    old.expire_if_due(now);
+                    if old.supersede(now) {
+                        superseded = Some(old.method);
+                        tx.put_verification(&old)?;
+                    }
+                }
+                tx.put_verification(&v)?;
+                tx.set_current(&v.app, &v.purpose, &v.email_key, v.id);
+                tx.put_outbox(&mail)?;
+                if let Some((key, hash)) = &idempotency {
+                    tx.put_idempotency(
+                        &v.app,
+                        key,
+                        &IdempotencyRecord {
+                            request_hash: hash.clone(),
+                            status: 202,
+                            body: body.clone(),
+                            created_at: now,
+                        },
+                    )?;
+                }
+                let _ = &app_cfg;
+                Ok((Reply { status: 202, body }, superseded))
+            })
+            .await?;
+        if reply.status == 202 && superseded.is_some() {
+            if let Some(m) = superseded {
+                self.0.metrics.event("superseded", m);
+            }
+        }
+        self.0.metrics.event("created", method);
+        self.0.mail_ready.notify_waiters();
+        Ok(reply)
+    }
+
+    fn email_entry(&self, app: &App, v: &Verification, now: UnixTime) -> OutboxEntry {
+        let msg_id = MessageId::generate(now);
+        let from = if app.from.is_empty() {
+            self.0.default_from.clone()
+        } else {
+            app.from.clone()
+        };
+        let domain = crate::mail::parse_mailbox(&from)
+            .ok()
+            .and_then(|m| {
+                m.address
+                    .as_str()
+                    .rsplit_once('@')
+                    .map(|(_, d)| d.to_string())
+            })
+            .unwrap_or_else(|| "verigate.invalid".into());
+        OutboxEntry::new(
+            msg_id,
+            v.id,
+            &v.app,
+            now,
+            Payload::Email(EmailJob {
+                message_id: format!("{}.{}@{}", v.id, msg_id, domain),
+                from,
+                to: v.email.clone(),
+                envelope_to: v.ascii_email.clone().unwrap_or_else(|| v.email.clone()),
+            }),
+        )
+    }
+
+    /// Writes the callback entry for `event` if the app has a callback URL.
+    fn callback(
+        &self,
+        tx: &mut Tx<'_>,
+        v: &Verification,
+        event: &str,
+        now: UnixTime,
+    ) -> store::Result<()> {
+        let Some(app) = self.0.apps.get(&v.app) else {
+            return Ok(());
+        };
+        if app.config.callback_url.is_none() {
+            return Ok(());
+        }
+        let id = MessageId::generate(now);
+        let body = json!({
+            "type": event,
+            "timestamp": now.to_rfc3339(),
+            "data": self.data_json(v, now),
+        });
+        tx.put_outbox(&OutboxEntry::new(
+            id,
+            v.id,
+            &v.app,
+            now,
+            Payload::Callback(CallbackJob {
+                event: event.to_string(),
+                webhook_id: id.to_string(),
+                body,
+            }),
+        ))
+    }
+
+    fn data_json(&self, v: &Verification, now: UnixTime) -> Value {
+        json!({
+            "id": v.id.to_string(),
+            "email": v.email,
+            "purpose": v.purpose,
+            "subject": v.subject,
+            "metadata": v.metadata,
+            "status": v.status_at(now).as_str(),
+            "method": v.method.as_str(),
+            "verified_at": v.verified_at.map(UnixTime::to_rfc3339),
+        })
+    }
+
+    /// The JSON of `GET /v1/verifications/{id}`.
+    pub fn view_json(&self, v: &Verification) -> Value {
+        let now = self.now();
+        json!({
+            "id": v.id.to_string(),
+            "status": v.status_at(now).as_str(),
+            "email": v.email,
+            "purpose": v.purpose,
+            "subject": v.subject,
+            "method": v.method.as_str(),
+            "locale": v.locale,
+            "created_at": v.created_at.to_rfc3339(),
+            "expires_at": v.expires_at.to_rfc3339(),
+            "verified_at": v.verified_at.map(UnixTime::to_rfc3339),
+            "metadata": v.metadata,
+            "attempts_remaining": v.code.as_ref().map(|c| c.max_attempts.saturating_sub(c.attempts)),
+            "delivery": {
+                "status": v.delivery.status,
+                "attempts": v.delivery.attempts,
+                "last_error": v.delivery.last_error,
+                "sent_at": v.delivery.sent_at.map(UnixTime::to_rfc3339),
+            },
+            "prefetches": v.prefetches.iter().map(|p| json!({
+                "at": p.at.to_rfc3339(), "method": p.method, "user_agent": p.user_agent,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Reads a verification of `app`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for a malformed id, a missing one or another app's.
+    pub async fn get(&self, app: &App, id: &str) -> Result<Verification> {
+        let id: VerificationId = id.parse().map_err(|_| Error::NotFound)?;
+        let v = self.0.store.read(move |r| r.verification(id)).await?;
+        match v {
+            Some(v) if v.app == app.id => Ok(v),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    async fn resolve(
+        &self,
+        app: &App,
+        id: Option<&str>,
+        email: Option<&str>,
+        purpose: Option<&str>,
+    ) -> Result<VerificationId> {
+        match (id, email) {
+            (Some(id), None) => id.parse().map_err(|_| Error::NotFound),
+            (None, Some(email)) => {
+                let purpose = purpose.unwrap_or("signup").to_string();
+                check_purpose(&purpose)?;
+                let addr = address::parse(email, &address::Options::default())
+                    .map_err(|e| Error::InvalidEmail(e.to_string()))?;
+                let key = addr.normalized.to_lowercase();
+                let app_id = app.id.clone();
+                self.0
+                    .store
+                    .read(move |r| r.current(&app_id, &purpose, &key))
+                    .await?
+                    .ok_or(Error::NotFound)
+            }
+            (Some(_), Some(_)) => Err(field("id", "give either id or email, not both")),
+            (None, None) => Err(field("id", "give id, or email and purpose")),
+        }
+    }
+
+    /// Checks a code (DESIGN §3.2). The attempt is counted in the same durable write that
+    /// decides the answer, and the answer is released only after that write is synced.
+    ///
+    /// # Errors
+    /// Wrong code, expired, locked, closed, not found, invalid input, or a store failure.
+    pub async fn check(&self, app: &App, req: CheckRequest) -> Result<Value> {
+        if let Some(ip) = &req.client_ip
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(field(
+                "client_ip",
+                "client_ip must be an IPv4 or IPv6 address",
+            ));
+        }
+        let id = match self
+            .resolve(
+                app,
+                req.id.as_deref(),
+                req.email.as_deref(),
+                req.purpose.as_deref(),
+            )
+            .await
+        {
+            Ok(id) => id,
+            Err(Error::NotFound) => {
+                self.0
+                    .metrics
+                    .code_checks
+                    .with_label_values(&["not_found"])
+                    .inc();
+                return Err(Error::NotFound);
+            }
+            Err(e) => return Err(e),
+        };
+        let now = self.now();
+        // Junk that cannot be a code is still an attempt; it just never matches.
+        let code = super::code::normalize(&req.code, self.0.policy.code_length.saturating_mul(2));
+        let app_id = app.id.clone();
+        let this = self.clone();
+        let (outcome, v) = self
+            .0
+            .store
+            .write(move |tx| -> Result<(CodeCheck, Verification)> {
+                let mut v = match tx.verification(id)? {
+                    Some(v) if v.app == app_id => v,
+                    _ => return Err(Error::NotFound),
+                };
+                let keys = &this.0.keys;
+                let outcome = v.check_code(now, |c: &CodeState| {
+                    let Some(code) = code.as_deref() else {
+                        return false;
+                    };
+                    let Some(mac) = decode_hex(&c.mac) else {
+                        return false;
+                    };
+                    keys.code_matches(&c.kid, id, code, &mac)
+                });
+                match outcome {
+                    CodeCheck::Verified { first: true } => {
+                        tx.put_verification(&v)?;
+                        this.callback(tx, &v, "verification.verified", now)?;
+                    }
+                    CodeCheck::Invalid { remaining }
+                        if v.status == Status::Pending || remaining == 0 =>
+                    {
+                        tx.put_verification(&v)?;
+                        if remaining == 0 && v.status == Status::Locked {
+                            this.callback(tx, &v, "verification.locked", now)?;
+                        }
+                    }
+                    CodeCheck::Expired { first: true } => {
+                        tx.put_verification(&v)?;
+                        this.callback(tx, &v, "verification.expired", now)?;
+                    }
+                    CodeCheck::Locked if v.status == Status::Locked => {
+                        tx.put_verification(&v)?;
+                    }
+                    _ => {}
+                }
+                Ok((outcome, v))
+            })
+            .await?;
+        let m = &self.0.metrics;
+        let result = |r: &str| m.code_checks.with_label_values(&[r]).inc();
+        match outcome {
+            CodeCheck::Verified { first } => {
+                result("verified");
+                if first {
+                    m.event("verified", v.method);
+                }
+                Ok(json!({
+                    "status": "verified",
+                    "id": v.id.to_string(),
+                    "email": v.email,
+                    "subject": v.subject,
+                    "purpose": v.purpose,
+                    "verified_at": v.verified_at.map(UnixTime::to_rfc3339),
+                }))
+            }
+            CodeCheck::Invalid { remaining } => {
+                result("invalid");
+                if remaining == 0 && v.status == Status::Locked {
+                    m.event("locked", v.method);
+                }
+                Err(Error::InvalidCode { remaining })
+            }
+            CodeCheck::Locked => {
+                result("locked");
+                Err(Error::Locked)
+            }
+            CodeCheck::Expired { first } => {
+                result("expired");
+                if first {
+                    m.event("expired", v.method);
+                }
+                Err(Error::Expired)
+            }
+            CodeCheck::Closed(s) => {
+                result("closed");
+                Err(Error::Closed(s))
+            }
+            CodeCheck::NoCode => Err(Error::NoCode),
+        }
+    }
+
+    /// Queues the mail again (DESIGN §3.3): same code and link.
+    ///
+    /// # Errors
+    /// Not found, expired, closed, or a store failure.
+    pub async fn resend(&self, app: &App, id: &str) -> Result<Value> {
+        let id: VerificationId = id.parse().map_err(|_| Error::NotFound)?;
+        let now = self.now();
+        let app_id = app.id.clone();
+        let app = self.0.apps.get(&app_id).ok_or(Error::NotFound)?;
+        let this = self.clone();
+        let v = self
+            .0
+            .store
+            .write(move |tx| -> Result<Verification> {
+                let mut v = match tx.verification(id)? {
+                    Some(v) if v.app == app_id => v,
+                    _ => return Err(Error::NotFound),
+                };
+                if v.expire_if_due(now) {
+                    tx.put_verification(&v)?;
+                    this.callback(tx, &v, "verification.expired", now)?;
+                    return Ok(v);
+                }
+                match v.status {
+                    Status::Pending => {}
+                    Status::Expired => return Err(Error::Expired),
+                    s => return Err(Error::Closed(s)),
+                }
+                v.delivery.status = DeliveryStatus::Queued;
+                tx.put_verification(&v)?;
+                tx.put_outbox(&this.email_entry(&app, &v, now))?;
+                Ok(v)
+            })
+            .await?;
+        if v.status == Status::Expired {
+            self.0.metrics.event("expired", v.method);
+            return Err(Error::Expired);
+        }
+        self.0.metrics.event("resent", v.method);
+        self.0.mail_ready.notify_waiters();
+        Ok(json!({"id": v.id.to_string(), "status": "pending"}))
+    }
+
+    /// Cancels a pending verification (DESIGN §3.3).
+    ///
+    /// # Errors
+    /// Not found, already final, or a store failure.
+    pub async fn cancel(&self, app: &App, id: &str) -> Result<Value> {
+        let id: VerificationId = id.parse().map_err(|_| Error::NotFound)?;
+        let now = self.now();
+        let app_id = app.id.clone();
+        let this = self.clone();
+        let (v, res) = self
+            .0
+            .store
+            .write(
+                move |tx| -> Result<(Verification, std::result::Result<(), Status>)> {
+                    let mut v = match tx.verification(id)? {
+                        Some(v) if v.app == app_id => v,
+                        _ => return Err(Error::NotFound),
+                    };
+                    let was_pending = v.status == Status::Pending;
+                    let res = v.cancel(now);
+                    if was_pending {
+                        tx.put_verification(&v)?;
+                        if v.status == Status::Expired {
+                            this.callback(tx, &v, "verification.expired", now)?;
+                        }
+                    }
+                    Ok((v, res))
+                },
+            )
+            .await?;
+        match res {
+            Ok(()) => {
+                self.0.metrics.event("canceled", v.method);
+                Ok(json!({"id": v.id.to_string(), "status": "canceled"}))
+            }
+            Err(Status::Expired) => Err(Error::Expired),
+            Err(s) => Err(Error::Closed(s)),
+        }
+    }
+
+    /// What the confirm page shows for `token` (no state change).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn link_view(&self, token: &str) -> Result<LinkView> {
+        let now = self.now();
+        let id = match self.0.keys.verify(token, TokenKind::Link, now) {
+            Ok(c) => c.verification,
+            Err(TokenError::Expired(id)) => id,
+            Err(_) => return Ok(LinkView::Invalid),
+        };
+        let v = self.0.store.read(move |r| r.verification(id)).await?;
+        Ok(match v {
+            Some(v) => LinkView::Found {
+                id: v.id,
+                status: v.status_at(now),
+                email: v.email.clone(),
+                locale: v.locale.clone(),
+                redirect_url: v.redirect_url.clone(),
+            },
+            None => LinkView::Invalid,
+        })
+    }
+
+    /// Records a pre-click fetch of the confirm page (scanner telemetry). Best effort.
+    pub async fn record_prefetch(
+        &self,
+        id: VerificationId,
+        method: &str,
+        user_agent: Option<&str>,
+    ) {
+        let now = self.now();
+        let p = Prefetch {
+            at: now,
+            method: method.to_string(),
+            user_agent: user_agent.map(|u| u.chars().take(MAX_USER_AGENT_LEN).collect()),
+        };
+        self.0.metrics.prefetches.inc();
+        let r = self
+            .0
+            .store
+            .write(move |tx| -> Result<()> {
+                if let Some(mut v) = tx.verification(id)?
+                    && v.status_at(now) == Status::Pending
+                {
+                    v.record_prefetch(p);
+                    tx.put_verification(&v)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot record prefetch");
+        }
+    }
+
+    /// The confirm button (DESIGN §3.5). Returns the view after the attempt.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn confirm(&self, token: &str) -> Result<LinkView> {
+        let now = self.now();
+        let id = match self.0.keys.verify(token, TokenKind::Link, now) {
+            Ok(c) => c.verification,
+            // A genuine but expired token: show the state (expired) without writing.
+            Err(TokenError::Expired(_)) => return self.link_view(token).await,
+            Err(_) => return Ok(LinkView::Invalid),
+        };
+        let this = self.clone();
+        let r = self
+            .0
+            .store
+            .write(move |tx| -> Result<Option<(Verification, LinkConfirm)>> {
+                let Some(mut v) = tx.verification(id)? else {
+                    return Ok(None);
+                };
+                let r = v.confirm_link(now);
+                match r {
+                    LinkConfirm::Verified { first: true } => {
+                        tx.put_verification(&v)?;
+                        this.callback(tx, &v, "verification.verified", now)?;
+                    }
+                    LinkConfirm::Expired { first: true } => {
+                        tx.put_verification(&v)?;
+                        this.callback(tx, &v, "verification.expired", now)?;
+                    }
+                    _ => {}
+                }
+                Ok(Some((v, r)))
+            })
+            .await?;
+        let Some((v, r)) = r else {
+            return Ok(LinkView::Invalid);
+        };
+        match r {
+            LinkConfirm::Verified { first: true } => self.0.metrics.event("verified", v.method),
+            LinkConfirm::Expired { first: true } => self.0.metrics.event("expired", v.method),
+            _ => {}
+        }
+        Ok(LinkView::Found {
+            id: v.id,
+            status: v.status_at(now),
+            email: v.email.clone(),
+            locale: v.locale.clone(),
+            redirect_url: v.redirect_url.clone(),
+        })
+    }
+
+    /// Marks due verifications expired and queues their callbacks. Returns how many.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn sweep_expired(&self) -> Result<usize> {
+        let now = self.now();
+        let ids = self
+            .0
+            .store
+            .read(move |r| r.expired_by(now, SWEEP_BATCH))
+            .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let this = self.clone();
+        let expired = self
+            .0
+            .store
+            .write(move |tx| -> Result<Vec<Method>> {
+                let mut out = Vec::new();
+                for id in ids {
+                    if let Some(mut v) = tx.verification(id)?
+                        && v.expire_if_due(now)
+                    {
+                        tx.put_verification(&v)?;
+                        this.callback(tx, &v, "verification.expired", now)?;
+                        out.push(v.method);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        for m in &expired {
+            self.0.metrics.event("expired", *m);
+        }
+        Ok(expired.len())
+    }
+
+    /// Forgets Idempotency-Keys older than their retention. Returns how many.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn prune_idempotency(&self) -> Result<usize> {
+        let cutoff = UnixTime(
+            self.now()
+                .0
+                .saturating_sub(self.0.policy.idempotency_ttl_seconds.saturating_mul(1000)),
+        );
+        let stale = self
+            .0
+            .store
+            .read(move |r| r.stale_idempotency(cutoff, SWEEP_BATCH))
+            .await?;
+        let n = stale.len();
+        if n > 0 {
+            self.0
+                .store
+                .write(move |tx| -> Result<()> {
+                    for k in stale {
+                        tx.delete_idempotency_raw(k);
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(n)
+    }
+
+    /// Writes the delivery-failed transition and its callback (used by the outbox worker).
+    pub(crate) fn mark_delivery_failed(
+        &self,
+        tx: &mut Tx<'_>,
+        v: &mut Verification,
+        reason: &str,
+        now: UnixTime,
+    ) -> store::Result<bool> {
+        v.delivery.status = DeliveryStatus::Failed;
+        v.delivery.last_error = Some(reason.to_string());
+        let changed = v.status == Status::Pending;
+        if changed {
+            v.status = Status::DeliveryFailed;
+            v.updated_at = now;
+            self.callback(tx, v, "verification.delivery_failed", now)?;
+        }
+        tx.put_verification(v)?;
+        Ok(changed)
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -797,6 +797,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
     fn numeric_secrets_from_the_environment_are_strings() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("VERIGATE_SMTP__PASSWORD", "12345");

@@ -172,12 +172,22 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "The request body is empty; send a JSON object.",
         ));
     }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The request body must be a JSON object.",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(v) => {
-            // Trailing garbage after the object is malformed JSON too.
-            Ok(v)
-        }
+    match serde_path_to_error::deserialize::<_, T>(&mut *de) {
+        Ok(v) => de.end().map(|()| v).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("The request body is not valid JSON: {e}."),
+            )
+        }),
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();

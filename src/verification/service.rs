@@ -434,7 +434,6 @@ impl Service {
         })
         .to_string();
         let mail = self.email_entry(app, &v, now);
-        let app_cfg = app.config.clone();
         let this = self.clone();
         let (reply, superseded) = self
             .0
@@ -483,14 +482,11 @@ impl Service {
                         },
                     )?;
                 }
-                let _ = &app_cfg;
                 Ok((Reply { status: 202, body }, superseded))
             })
             .await?;
-        if reply.status == 202 && superseded.is_some() {
-            if let Some(m) = superseded {
-                self.0.metrics.event("superseded", m);
-            }
+        if let Some(m) = superseded {
+            self.0.metrics.event("superseded", m);
         }
         self.0.metrics.event("created", method);
         self.0.mail_ready.notify_waiters();
@@ -693,7 +689,7 @@ impl Service {
                     let Some(code) = code.as_deref() else {
                         return false;
                     };
-                    let Some(mac) = decode_hex(&c.mac) else {
+                    let Some(mac) = crate::apps::decode_hex(&c.mac) else {
                         return false;
                     };
                     keys.code_matches(&c.kid, id, code, &mac)
@@ -1044,14 +1040,4 @@ impl Service {
         tx.put_verification(v)?;
         Ok(changed)
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }

@@ -1,0 +1,8 @@
+//! The one integration test binary: every test starts the real daemon in-process on port 0
+//! with a temp data dir and speaks real HTTP to it.
+
+mod support;
+
+mod bad_input;
+mod binary;
+mod verify_flow;

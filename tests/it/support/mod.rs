@@ -1,0 +1,5 @@
+//! Test support: start the daemon, an HTTP client, mail reading.
+
+pub mod app;
+pub mod client;
+pub mod mail;

@@ -1,1 +1,127 @@
-fn main() {}
+//! Baseline for `benches/load.sh`: a minimal hyper 1 server doing the same HTTP work as
+//! verigate's api listener (hyper-util auto builder with the Tokio timer, TCP_NODELAY, read the
+//! whole body, parse it as JSON, answer a small JSON body) minus validation, crypto and storage.
+//!
+//! ```text
+//! cargo run --release --example baseline_server -- [PORT]   # PORT defaults to 0 (any free port)
+//! ```
+//!
+//! Routes:
+//! - `POST /v1/verifications` → 202 `{"id", "status": "pending", "email"}`
+//! - `POST /v1/verifications/check` → 200 `{"status": "verified", "id"}`
+//! - `GET /healthz` → 200 `{"status": "ok"}`
+//! - a body that is not JSON → 400; anything else → 404.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// Same body limit as the daemon (DESIGN §3: 64 KiB).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
+    reply(status, &json!({"error": {"code": code, "message": code}}))
+}
+
+/// Reads and parses the body; `Err` is the response to send instead.
+async fn json_body(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>>> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return Err(error(StatusCode::BAD_REQUEST, "invalid_body")),
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        _ => Err(error(StatusCode::BAD_REQUEST, "invalid_json")),
+    }
+}
+
+async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            reply(StatusCode::OK, &json!({"status": "ok"}))
+        }
+        (&Method::POST, "/v1/verifications") => match json_body(req).await {
+            Ok(v) => {
+                let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let email = v.get("email").cloned().unwrap_or(Value::Null);
+                reply(
+                    StatusCode::ACCEPTED,
+                    &json!({"id": format!("vrf_{n:026}"), "status": "pending", "email": email}),
+                )
+            }
+            Err(r) => r,
+        },
+        (&Method::POST, "/v1/verifications/check") => match json_body(req).await {
+            Ok(v) => {
+                let id = v.get("id").cloned().unwrap_or(Value::Null);
+                reply(StatusCode::OK, &json!({"status": "verified", "id": id}))
+            }
+            Err(r) => r,
+        },
+        _ => error(StatusCode::NOT_FOUND, "not_found"),
+    };
+    Ok(resp)
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let port: u16 = match std::env::args().nth(1) {
+        Some(p) => p.parse().map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("port {p:?}: {e}"))
+        })?,
+        None => 0,
+    };
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    eprintln!("baseline listening on http://{}", listener.local_addr()?);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        // As the daemon does: an owned connection future, spawned per connection.
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle))
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::address::dns::{DnsMetrics, DomainChecker};
 use crate::apps::{ApiKey, Apps};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{AppConfig, Config, Secret, Transport as TransportKind};
@@ -238,6 +239,13 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
     let templates = Arc::new(Templates::builtin().map_err(|e| Error::Setup(e.to_string()))?);
     let apps = Apps::from_config(&cfg).map_err(Error::Setup)?;
     let mail_ready = Arc::new(Notify::new());
+    let dns = if cfg.dns.check_on_create {
+        let dm =
+            DnsMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?;
+        Some(DomainChecker::new(&cfg.dns, dm).map_err(|e| Error::Setup(e.to_string()))?)
+    } else {
+        None
+    };
     let service = Service::new(Parts {
         store: store.clone(),
         keys,
@@ -249,6 +257,8 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         apps,
         mail_ready: mail_ready.clone(),
         default_from: cfg.delivery.from.clone(),
+        dns,
+        on_dns_failure: cfg.dns.on_failure,
     });
     let transport = match cfg.delivery.transport {
         TransportKind::File => {

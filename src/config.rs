@@ -122,7 +122,7 @@ pub struct Config {
     /// The `file` transport.
     pub file: FileTransport,
     /// DNS deliverability checks.
-    pub dns: Dns,
+    pub dns: crate::address::dns::DnsConfig,
     /// Verification policy: codes, lifetimes, attempts.
     pub verification: VerificationPolicy,
     /// HTTP server limits.
@@ -145,7 +145,7 @@ impl Default for Config {
             delivery: Delivery::default(),
             smtp: Smtp::default(),
             file: FileTransport::default(),
-            dns: Dns::default(),
+            dns: crate::address::dns::DnsConfig::default(),
             verification: VerificationPolicy::default(),
             http: Http::default(),
             store: StoreConfig::default(),
@@ -274,41 +274,6 @@ impl Default for Smtp {
 pub struct FileTransport {
     /// Folder for `.eml` files. Default `data_dir/mail`.
     pub dir: Option<PathBuf>,
-}
-
-/// What to do when DNS cannot say whether a domain receives mail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnDnsFailure {
-    /// Accept the address.
-    Accept,
-    /// Reject it as undeliverable.
-    Reject,
-}
-
-/// DNS deliverability checks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Dns {
-    /// Check MX records when a verification is created. Default false until the resolver lands.
-    pub check_on_create: bool,
-    /// Name servers, `"ip"` or `"ip:port"`; empty = system resolv.conf. Default empty.
-    pub nameservers: Vec<String>,
-    /// Timeout of one query, milliseconds. Default 2000.
-    pub timeout_ms: u64,
-    /// `"accept"` or `"reject"` on SERVFAIL or timeout. Default `"accept"`.
-    pub on_failure: OnDnsFailure,
-}
-
-impl Default for Dns {
-    fn default() -> Self {
-        Dns {
-            check_on_create: false,
-            nameservers: Vec::new(),
-            timeout_ms: 2000,
-            on_failure: OnDnsFailure::Accept,
-        }
-    }
 }
 
 /// Verification policy.

@@ -1,7 +1,9 @@
-//! Email addresses: parse, normalize and explain ([`syntax`]); mask for logs ([`mask`]).
+//! Email addresses: parse, normalize and explain ([`syntax`]); can the domain receive mail
+//! ([`dns`]); mask for logs ([`mask`]).
 //! Parse, don't validate: the rest of the daemon only ever holds an [`EmailAddress`] that came
 //! out of [`syntax::parse`].
 
+pub mod dns;
 pub mod syntax;
 
 pub use syntax::{EmailAddress, Options, SyntaxError, parse};

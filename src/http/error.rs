@@ -166,6 +166,13 @@ impl From<ServiceError> for ApiError {
                 "idempotency_conflict",
                 "This Idempotency-Key was already used with a different request body.",
             ),
+            E::UndeliverableDomain { reason, message } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "undeliverable_domain",
+                message,
+            )
+            .with_field("email")
+            .with("reason", Value::from(reason)),
             E::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 ApiError::internal()

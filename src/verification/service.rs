@@ -15,6 +15,7 @@ use super::{
     Verification,
 };
 use crate::address;
+use crate::address::dns::{Deliverability, DomainChecker, OnFailure};
 use crate::apps::{App, Apps};
 use crate::clock::{SharedClock, UnixTime};
 use crate::config::VerificationPolicy;
@@ -82,6 +83,14 @@ pub enum Error {
     /// Same Idempotency-Key, different body.
     #[error("this Idempotency-Key was used with a different request body")]
     IdempotencyConflict,
+    /// DNS says the domain cannot receive mail (or could not say, with `on_failure = reject`).
+    #[error("{message}")]
+    UndeliverableDomain {
+        /// Stable reason code (`no_such_domain`, `null_mx`, …, `dns_unavailable`).
+        reason: &'static str,
+        /// For a person.
+        message: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -177,6 +186,8 @@ struct Inner {
     apps: Apps,
     mail_ready: Arc<Notify>,
     default_from: String,
+    dns: Option<DomainChecker>,
+    on_dns_failure: OnFailure,
 }
 
 /// Everything the service is built from.
@@ -201,6 +212,10 @@ pub struct Parts {
     pub mail_ready: Arc<Notify>,
     /// `delivery.from`.
     pub default_from: String,
+    /// The deliverability checker, when `dns.check_on_create` is on.
+    pub dns: Option<DomainChecker>,
+    /// `dns.on_failure`.
+    pub on_dns_failure: OnFailure,
 }
 
 fn field(field: &'static str, message: impl Into<String>) -> Error {
@@ -256,6 +271,8 @@ impl Service {
             apps: p.apps,
             mail_ready: p.mail_ready,
             default_from: p.default_from,
+            dns: p.dns,
+            on_dns_failure: p.on_dns_failure,
         }))
     }
 
@@ -370,6 +387,7 @@ impl Service {
         };
         let addr = address::parse(&req.email, &address::Options::default())
             .map_err(|e| Error::InvalidEmail(e.to_string()))?;
+        self.check_domain(&addr.ascii_domain).await?;
         let email_key = addr.normalized.to_lowercase();
         let locale =
             templates::pick_locale(req.locale.as_deref(), &policy.default_locale).to_string();
@@ -491,6 +509,38 @@ impl Service {
         self.0.metrics.event("created", method);
         self.0.mail_ready.notify_waiters();
         Ok(reply)
+    }
+
+    /// Applies the DNS deliverability policy to a domain, when checks are on.
+    ///
+    /// # Errors
+    /// [`Error::UndeliverableDomain`].
+    pub async fn check_domain(&self, ascii_domain: &str) -> Result<()> {
+        let Some(checker) = &self.0.dns else {
+            return Ok(());
+        };
+        match checker.check(ascii_domain).await {
+            Deliverability::Deliverable { .. } => Ok(()),
+            Deliverability::Undeliverable { reason } => Err(Error::UndeliverableDomain {
+                reason: reason.code(),
+                message: reason.to_string(),
+            }),
+            Deliverability::Unknown { reason } => {
+                if self.0.on_dns_failure == OnFailure::Accept {
+                    tracing::debug!(
+                        domain = ascii_domain,
+                        reason,
+                        "DNS could not decide; accepting"
+                    );
+                    Ok(())
+                } else {
+                    Err(Error::UndeliverableDomain {
+                        reason: "dns_unavailable",
+                        message: "We could not check that the domain name accepts email. Try again later.".into(),
+                    })
+                }
+            }
+        }
     }
 
     fn email_entry(&self, app: &App, v: &Verification, now: UnixTime) -> OutboxEntry {

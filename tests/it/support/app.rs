@@ -49,6 +49,7 @@ public = "127.0.0.1:0"
 keys = [{keys}]
 [log]
 level = "warn"
+{dns}
 [[apps]]
 id = "shop"
 api_keys = ["{KEY}"]
@@ -61,6 +62,12 @@ api_keys = ["{OTHER_KEY}"]
 "#,
         dir = data_dir.display().to_string(),
         keys = keys.join(", "),
+        // No network here: DNS checks are off unless a test brings its own server.
+        dns = if extra.contains("[dns]") {
+            ""
+        } else {
+            "[dns]\ncheck_on_create = false"
+        },
     )
 }
 

@@ -2,4 +2,5 @@
 
 pub mod app;
 pub mod client;
+pub mod fake_dns;
 pub mod mail;

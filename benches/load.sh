@@ -1,0 +1,298 @@
+#!/usr/bin/env bash
+# Load benchmark for verigate's api listener against a minimal hyper baseline.
+#
+#   benches/load.sh                      # defaults: 2 wrk threads, 64 connections, 15 s a run
+#   DURATION=30s CONNECTIONS=128 benches/load.sh
+#
+# What it does (benches/README.md has the reasoning and how to read the output):
+#   1. installs wrk with apt-get when it is missing;
+#   2. builds `target/release/verigate` and the `baseline_server` example (benches/baseline_server.rs);
+#   3. starts both on fixed local ports with a throw-away data dir and config;
+#   4. drives both with the same wrk + Lua client (benches/load.lua) in two scenarios:
+#        create  POST /v1/verifications, a unique address per request (default method "link");
+#        check   POST /v1/verifications/check with a wrong code for a pending code verification;
+#   5. prints req/s, p50 and p99 for each scenario and target, the verigate/baseline ratio, the
+#      HTTP status mix, and how many store operations shared each fsync (from /metrics).
+#
+# Bounded: two servers' start-up (≤ 30 s each, normally < 1 s), one seed run (SEED_DURATION) and
+# four measured runs (DURATION each): about 70 s with the defaults, after the build.
+#
+# Environment (defaults in brackets):
+#   DURATION [15s]  CONNECTIONS [64]  THREADS [2]  SEED_DURATION [5s]  CREATE_METHOD [link]
+#   API_PORT [18026]  PUBLIC_PORT [18025]  BASELINE_PORT [18027]
+#   KEEP_TMP [0]  keep the temp dir (config, daemon log, raw wrk output, data dir)
+#   SKIP_BUILD [0]  use the binaries already in target/release
+set -euo pipefail
+
+DURATION=${DURATION:-15s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+SEED_DURATION=${SEED_DURATION:-5s}
+CREATE_METHOD=${CREATE_METHOD:-link}
+API_PORT=${API_PORT:-18026}
+PUBLIC_PORT=${PUBLIC_PORT:-18025}
+BASELINE_PORT=${BASELINE_PORT:-18027}
+KEEP_TMP=${KEEP_TMP:-0}
+SKIP_BUILD=${SKIP_BUILD:-0}
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+LUA="$HERE/load.lua"
+KEY="bench-key-0123456789abcdef"   # plain API key (development form), ≥ 16 chars
+NONCE="$(date +%s)$$"
+
+log() { printf '[load %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# 1. wrk
+if ! command -v wrk >/dev/null 2>&1; then
+    log "installing wrk"
+    apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+fi
+command -v curl >/dev/null 2>&1 || die "curl is needed"
+
+# 2. build
+cd "$ROOT"
+if [[ "$SKIP_BUILD" != 1 ]]; then
+    log "building (release): verigate + baseline_server"
+    cargo build --release --bin verigate --example baseline_server
+fi
+VERIGATE="$ROOT/target/release/verigate"
+BASELINE="$ROOT/target/release/examples/baseline_server"
+[[ -x "$VERIGATE" && -x "$BASELINE" ]] || die "binaries missing under target/release"
+
+# 3. temp dir, cleanup, config
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/verigate-load.XXXXXX")
+VG_PID=""
+BL_PID=""
+cleanup() {
+    local rc=$?
+    for pid in $VG_PID $BL_PID; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in $VG_PID $BL_PID; do
+        # verigate drains gracefully on SIGTERM; give it a few seconds, then insist.
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    if [[ "$KEEP_TMP" == 1 || $rc -ne 0 ]]; then
+        log "temp dir kept: $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in "$API_PORT" "$PUBLIC_PORT" "$BASELINE_PORT"; do
+    port_busy "$p" && die "port $p is already in use (set API_PORT / PUBLIC_PORT / BASELINE_PORT)"
+done
+
+SIGNING_SECRET=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+CONFIG="$TMP/verigate.toml"
+cat >"$CONFIG" <<EOF
+data_dir = "$TMP/data"
+public_base_url = "http://127.0.0.1:$PUBLIC_PORT"
+
+[listen]
+api = "127.0.0.1:$API_PORT"
+public = "127.0.0.1:$PUBLIC_PORT"
+
+[signing]
+keys = ["k1:$SIGNING_SECRET"]
+
+[delivery]
+# Mail is "sent" by logging it (at info, hidden by level = warn): no .eml files pile up, and
+# the outbox worker still claims and completes every entry through the store as in production.
+transport = "log"
+
+[log]
+level = "warn"
+
+[verification]
+# The check scenario sends wrong codes round robin over a pool of code verifications; a large
+# budget keeps every one of them pending with attempts left, so each check is the full durable
+# path (read, MAC compare, attempt counter written and fsync'd) and never the cheap 423 locked.
+# The budget is a number in the record; it does not change the work of one check.
+max_attempts = 1000000
+
+[[apps]]
+id = "bench"
+api_keys = ["$KEY"]
+EOF
+
+# Settings that later versions may add (DESIGN §5, §8): keep each only if this build's
+# `config check` accepts it, so the script works before and after they land.
+#  - DNS on create would query example.com (no network here; and it measures the resolver).
+#  - Rate limits (per_domain 600/1m, per_app 2000/1s by default) would turn the benchmark into
+#    a measurement of the limiter: every address here shares the domain example.com.
+optional_snippets=(
+    $'[dns]\ncheck_on_create = false'
+    $'[limits]\nper_address = []\nper_domain = []\nper_client_ip = []\nper_app = []\ncode_checks_per_client_ip = []'
+)
+"$VERIGATE" config check --config "$CONFIG" >/dev/null 2>"$TMP/config-check.err" ||
+    { cat "$TMP/config-check.err" >&2; die "the base config is not valid"; }
+for snippet in "${optional_snippets[@]}"; do
+    cp "$CONFIG" "$TMP/probe.toml"
+    printf '\n%s\n' "$snippet" >>"$TMP/probe.toml"
+    if "$VERIGATE" config check --config "$TMP/probe.toml" >/dev/null 2>&1; then
+        printf '\n%s\n' "$snippet" >>"$CONFIG"
+        log "config: this build accepts ${snippet%%$'\n'*}; added: ${snippet//$'\n'/ }"
+    fi
+done
+rm -f "$TMP/probe.toml"
+
+# 4. start both servers
+log "starting verigate on 127.0.0.1:$API_PORT (data dir $TMP/data)"
+"$VERIGATE" serve --config "$CONFIG" >"$TMP/verigate.log" 2>&1 &
+VG_PID=$!
+log "starting baseline on 127.0.0.1:$BASELINE_PORT"
+"$BASELINE" "$BASELINE_PORT" >"$TMP/baseline.log" 2>&1 &
+BL_PID=$!
+
+wait_up() { # name pid url
+    local name=$1 pid=$2 url=$3
+    for _ in $(seq 300); do
+        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$name.log" >&2; die "$name exited during start-up"; }
+        if curl -fsS -o /dev/null --max-time 1 "$url"; then return 0; fi
+        sleep 0.1
+    done
+    cat "$TMP/$name.log" >&2
+    die "$name did not answer $url within 30 s"
+}
+wait_up verigate "$VG_PID" "http://127.0.0.1:$API_PORT/healthz"
+wait_up baseline "$BL_PID" "http://127.0.0.1:$BASELINE_PORT/healthz"
+
+# A smoke request each, so a wrong key or shape fails here and not as 100% errors under load.
+smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H "Authorization: Bearer $KEY" \
+    -H 'Content-Type: application/json' -d "{\"email\":\"smoke-$NONCE@example.com\"}" \
+    "http://127.0.0.1:$API_PORT/v1/verifications")
+[[ "$smoke" == *"HTTP 202" ]] || die "verigate smoke create failed: $smoke"
+smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H 'Content-Type: application/json' \
+    -d '{"email":"smoke@example.com"}' "http://127.0.0.1:$BASELINE_PORT/v1/verifications")
+[[ "$smoke" == *"HTTP 202" ]] || die "baseline smoke create failed: $smoke"
+
+# ---------------------------------------------------------------------------------------------
+# 5. runs
+metric() { # name → value from verigate's /metrics (0 when absent)
+    curl -fsS --max-time 5 "http://127.0.0.1:$API_PORT/metrics" |
+        awk -v n="$1" '$1 == n { v = $2 } END { print (v == "" ? 0 : v) }'
+}
+
+declare -A RES
+run_wrk() { # label port mode method ids_out ids_in duration
+    local label=$1 port=$2 mode=$3 method=$4 ids_out=$5 ids_in=$6 dur=$7
+    local out="$TMP/wrk-$label.txt"
+    log "wrk $label: -t$THREADS -c$CONNECTIONS -d$dur $mode → 127.0.0.1:$port"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s --latency -s "$LUA" \
+        "http://127.0.0.1:$port" -- "$mode" "$KEY" "$NONCE-$label" "$method" \
+        "$ids_out" "$ids_in" "$THREADS" >"$out" 2>&1 || { cat "$out" >&2; die "wrk $label failed"; }
+    local line
+    line=$(grep '^RESULT ' "$out" | tail -1) || { cat "$out" >&2; die "no RESULT from wrk $label"; }
+    RES[$label]=${line#RESULT }
+    kill -0 "$VG_PID" 2>/dev/null || { tail -50 "$TMP/verigate.log" >&2; die "verigate died during $label"; }
+    kill -0 "$BL_PID" 2>/dev/null || { tail -50 "$TMP/baseline.log" >&2; die "baseline died during $label"; }
+}
+field() { # label key → value from that run's RESULT line
+    local kv
+    for kv in ${RES[$1]}; do
+        [[ "$kv" == "$2="* ]] && { echo "${kv#*=}"; return; }
+    done
+    echo "?"
+}
+
+declare -A COMMITS OPS
+store_snapshot() { COMMITS[$1]=$(metric verigate_store_commits_total); OPS[$1]=$(metric verigate_store_ops_total); }
+
+# create: same Lua, same request shape, baseline first, then verigate.
+run_wrk create-baseline "$BASELINE_PORT" create "$CREATE_METHOD" - - "$DURATION"
+store_snapshot before-create
+run_wrk create-verigate "$API_PORT" create "$CREATE_METHOD" - - "$DURATION"
+store_snapshot after-create
+
+# check: the pool. A seed run creates as many `code` verifications as it can in SEED_DURATION
+# and records their ids. (The 1-by-1 alternative, curl in a loop, is ~100x slower.)
+run_wrk seed "$API_PORT" create code "$TMP/ids" - "$SEED_DURATION"
+cat "$TMP"/ids.* >"$TMP/ids"
+POOL=$(wc -l <"$TMP/ids")
+(( POOL >= THREADS * 10 )) || die "seed run created only $POOL code verifications"
+log "check pool: $POOL pending code verifications (attempt budget 1000000 each)"
+
+# Before measuring, show the answer the check scenario expects, reproduced with curl.
+first_id=$(head -1 "$TMP/ids")
+sample=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H "Authorization: Bearer $KEY" \
+    -H 'Content-Type: application/json' -d "{\"id\":\"$first_id\",\"code\":\"000000\"}" \
+    "http://127.0.0.1:$API_PORT/v1/verifications/check")
+log "sample check: $sample"
+
+run_wrk check-baseline "$BASELINE_PORT" check - - "$TMP/ids" "$DURATION"
+store_snapshot before-check
+run_wrk check-verigate "$API_PORT" check - - "$TMP/ids" "$DURATION"
+store_snapshot after-check
+
+# ---------------------------------------------------------------------------------------------
+# 6. report
+ms() { awk -v us="$1" 'BEGIN { if (us == "?") print "?"; else printf "%.2fms", us / 1000 }'; }
+errs() { # socket errors and timeouts of a run, "0" when none
+    local l=$1
+    awk -v c="$(field "$l" connect_err)" -v r="$(field "$l" read_err)" -v w="$(field "$l" write_err)" \
+        -v t="$(field "$l" timeouts)" 'BEGIN { s = c + r + w + t; if (s == 0) print 0;
+        else printf "%d (conn %d, read %d, write %d, timeout %d)", s, c, r, w, t }'
+}
+
+echo
+echo "verigate load benchmark: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $(nproc) CPUs shared by client and server"
+echo "create method: $CREATE_METHOD; check pool: $POOL code verifications"
+echo
+printf '%-8s %-9s %10s %9s %9s %9s %11s  %-26s %s\n' \
+    scenario target req/s p50 p99 max non-2xx/3xx statuses "socket errors"
+for scen in create check; do
+    for tgt in baseline verigate; do
+        l="$scen-$tgt"
+        printf '%-8s %-9s %10s %9s %9s %9s %11s  %-26s %s\n' "$scen" "$tgt" "$(field "$l" rps)" \
+            "$(ms "$(field "$l" p50_us)")" "$(ms "$(field "$l" p99_us)")" "$(ms "$(field "$l" max_us)")" \
+            "$(field "$l" non2xx3xx)" "$(field "$l" statuses)" "$(errs "$l")"
+    done
+done
+echo
+for scen in create check; do
+    awk -v s="$scen" -v v="$(field "$scen-verigate" rps)" -v b="$(field "$scen-baseline" rps)" 'BEGIN {
+        r = (b > 0) ? v / b : 0
+        line = sprintf("ratio %-6s verigate/baseline = %.3f (%.1f%%)", s, r, 100 * r)
+        if (s == "create") line = line sprintf("   target >= 40%%: %s", (r >= 0.40) ? "MET" : "NOT MET")
+        print line
+    }'
+done
+echo
+echo "seed run (code creates, verigate, $SEED_DURATION): $(field seed rps) req/s, statuses $(field seed statuses)"
+echo
+echo "verigate store group commits (from /metrics, deltas over each measured run):"
+for scen in create check; do
+    awk -v s="$scen" -v c0="${COMMITS[before-$scen]}" -v c1="${COMMITS[after-$scen]}" \
+        -v o0="${OPS[before-$scen]}" -v o1="${OPS[after-$scen]}" 'BEGIN {
+        c = c1 - c0; o = o1 - o0
+        printf "  %-6s commits %d, operations %d, operations per commit %.1f\n", s, c, o, (c > 0) ? o / c : 0
+    }'
+done
+echo
+echo "notes:"
+echo "  - create: every 2xx is 202; non-2xx/3xx counts anything else (503 overloaded, 429, 5xx)."
+echo "  - check: verigate answers 400 invalid_code (wrong code, attempts left) by design, so its"
+echo "    non-2xx/3xx count equals its request count; any status other than 400 is an anomaly."
+echo "    The baseline answers 200. A rare 200 from verigate means '000000' was the real code."
+echo "  - raw wrk output and the daemon log: rerun with KEEP_TMP=1 (kept in $TMP)."
+echo
+echo "verigate /metrics excerpt (store, http shed, code checks, outbox):"
+curl -fsS --max-time 5 "http://127.0.0.1:$API_PORT/metrics" |
+    grep -E '^verigate_(store_|http_shed|code_checks_total|outbox_depth|http_requests_total\{[^}]*route="(create|check)")' |
+    grep -v ' 0$' | sed 's/^/  /' || true
+if grep -qiE 'error|panic' "$TMP/verigate.log"; then
+    echo
+    echo "verigate log has errors (first 20 lines):"
+    grep -iE 'error|panic' "$TMP/verigate.log" | head -20 | sed 's/^/  /'
+fi

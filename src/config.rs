@@ -823,3 +823,98 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    //! Keeps `config.example.toml` in step with the code.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    /// The example with every `# key = value` and `# [table]` line uncommented.
+    fn uncommented() -> String {
+        EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if !l.starts_with("## ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Keys per table header (`""` for the top level) as the example documents them.
+    fn documented() -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut table = String::new();
+        for line in uncommented().lines() {
+            let l = line.trim();
+            if l.starts_with('[') {
+                table = l.trim_matches(['[', ']']).to_string();
+            } else if let Some((k, _)) = l.split_once('=')
+                && !l.starts_with('#')
+            {
+                out.entry(table.clone()).or_default().insert(k.trim().to_string());
+            }
+        }
+        out
+    }
+
+    /// Keys per table as the code knows them.
+    fn known() -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut cfg = Config::default();
+        cfg.apps.push(AppConfig::default());
+        let serde_json::Value::Object(top) = serde_json::to_value(&cfg).expect("serializes") else {
+            panic!("config is an object")
+        };
+        for (k, v) in top {
+            match v {
+                serde_json::Value::Object(inner) => {
+                    out.entry(k).or_default().extend(inner.keys().cloned());
+                }
+                serde_json::Value::Array(items) if k == "apps" => {
+                    for item in items {
+                        if let serde_json::Value::Object(inner) = item {
+                            out.entry(k.clone()).or_default().extend(inner.keys().cloned());
+                        }
+                    }
+                }
+                _ => {
+                    out.entry(String::new()).or_default().insert(k);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_example_documents_every_key_the_code_knows_and_no_other() {
+        assert_eq!(documented(), known());
+    }
+
+    #[test]
+    fn the_example_with_every_setting_uncommented_is_a_valid_config() {
+        // Extract only: names and types. `*_file` paths in the example do not exist here.
+        let cfg: Config = Figment::from(Toml::string(&uncommented()))
+            .extract()
+            .unwrap_or_else(|e| panic!("config.example.toml uncommented: {e}"));
+        assert_eq!(cfg.apps.len(), 1);
+        assert_eq!(cfg.signing.keys.len(), 2);
+        for k in &cfg.signing.keys {
+            crate::verification::token::SigningKey::parse(k.expose()).expect("example signing keys parse");
+        }
+    }
+
+    #[test]
+    fn the_example_as_shipped_is_the_defaults() {
+        let cfg = Config::from_figment(Figment::from(Toml::string(EXAMPLE))).expect("valid");
+        assert_eq!(
+            serde_json::to_value(&cfg).expect("json"),
+            serde_json::to_value(Config::default()).expect("json")
+        );
+    }
+}

@@ -857,7 +857,9 @@ mod example_tests {
             } else if let Some((k, _)) = l.split_once('=')
                 && !l.starts_with('#')
             {
-                out.entry(table.clone()).or_default().insert(k.trim().to_string());
+                out.entry(table.clone())
+                    .or_default()
+                    .insert(k.trim().to_string());
             }
         }
         out
@@ -879,7 +881,9 @@ mod example_tests {
                 serde_json::Value::Array(items) if k == "apps" => {
                     for item in items {
                         if let serde_json::Value::Object(inner) = item {
-                            out.entry(k.clone()).or_default().extend(inner.keys().cloned());
+                            out.entry(k.clone())
+                                .or_default()
+                                .extend(inner.keys().cloned());
                         }
                     }
                 }
@@ -905,7 +909,8 @@ mod example_tests {
         assert_eq!(cfg.apps.len(), 1);
         assert_eq!(cfg.signing.keys.len(), 2);
         for k in &cfg.signing.keys {
-            crate::verification::token::SigningKey::parse(k.expose()).expect("example signing keys parse");
+            crate::verification::token::SigningKey::parse(k.expose())
+                .expect("example signing keys parse");
         }
     }
 

@@ -6,4 +6,5 @@ mod support;
 mod bad_input;
 mod binary;
 mod dns;
+mod http_limits;
 mod verify_flow;

@@ -27,6 +27,9 @@ pub enum Outcome {
     Retry {
         /// For people.
         reason: String,
+        /// The peer asked us to wait at least this long (`Retry-After`); the retry policy's
+        /// delay applies when it is longer or absent.
+        after: Option<std::time::Duration>,
     },
     /// Never try again.
     Reject {
@@ -40,6 +43,7 @@ pub enum Outcome {
 pub fn classify_io(e: &std::io::Error) -> Outcome {
     Outcome::Retry {
         reason: format!("cannot write mail file: {e}"),
+        after: None,
     }
 }
 
@@ -66,6 +70,7 @@ impl Transport {
                     Ok(Err(e)) => classify_io(&e),
                     Err(e) => Outcome::Retry {
                         reason: format!("file writer task failed: {e}"),
+                        after: None,
                     },
                 }
             }

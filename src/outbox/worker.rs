@@ -235,13 +235,13 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
                         tx.put_verification(v)?;
                     }
                 }
-                Outcome::Retry { reason } => {
+                Outcome::Retry { reason, after } => {
                     let expired = v
                         .as_ref()
                         .is_none_or(|v| v.status_at(done_at) != Status::Pending);
                     match retry.delay(e.attempts, unit_random()) {
                         Some(d) if !expired => {
-                            e.due_at = done_at.plus(d);
+                            e.due_at = done_at.plus(after.map_or(d, |a| a.max(d)));
                             e.last_error = Some(reason.clone());
                             if let Some(v) = v.as_mut() {
                                 v.delivery.status = DeliveryStatus::Retrying;

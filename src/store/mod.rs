@@ -321,10 +321,16 @@ impl Writer {
                 staged: Vec::new(),
                 discard: false,
             };
-            let finish = op(&mut tx);
+            // A panicking operation (a bug) must not take the writer thread down with it: its
+            // writes are dropped and its caller sees the store error when the reply is dropped.
+            let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&mut tx)));
             let Tx {
                 staged, discard, ..
             } = tx;
+            let Ok(finish) = finish else {
+                tracing::error!("a store operation panicked; its writes were dropped");
+                continue;
+            };
             if !discard {
                 for (ks, key, val) in staged {
                     match &val {
@@ -680,5 +686,135 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::id::VerificationId;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+        (dir, store)
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum TestError {
+        #[error("store: {0}")]
+        Store(#[from] Error),
+        #[error("refused")]
+        Refused,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_and_all_land() {
+        let (_dir, store) = open();
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .write(move |tx| -> Result<(), TestError> {
+                        tx.set_current(
+                            "app",
+                            "signup",
+                            &format!("u{i}@x"),
+                            VerificationId::from_bytes([i as u8; 16]),
+                        );
+                        Ok(())
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("write");
+        }
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        let ops = store.stats().ops.load(Ordering::Relaxed);
+        assert_eq!(ops, 200);
+        assert!(commits < 200, "group commit: {commits} commits for 200 ops");
+        let r = store.reader();
+        for i in 0..200u32 {
+            assert!(
+                r.current("app", "signup", &format!("u{i}@x"))
+                    .expect("read")
+                    .is_some()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_operation_leaves_no_writes_and_a_panic_does_not_stop_the_writer() {
+        let (_dir, store) = open();
+        let r = store
+            .write(|tx| -> Result<(), TestError> {
+                tx.set_current("app", "p", "gone@x", VerificationId::from_bytes([1; 16]));
+                Err(TestError::Refused)
+            })
+            .await;
+        assert!(matches!(r, Err(TestError::Refused)));
+        assert_eq!(
+            store.reader().current("app", "p", "gone@x").expect("read"),
+            None
+        );
+
+        let r = store
+            .write(|_tx| -> Result<(), TestError> { panic!("bug in an operation") })
+            .await;
+        assert!(matches!(r, Err(TestError::Store(Error::Closed))), "{r:?}");
+        store
+            .write(|tx| -> Result<(), TestError> {
+                tx.set_current("app", "p", "after@x", VerificationId::from_bytes([2; 16]));
+                Ok(())
+            })
+            .await
+            .expect("the writer still runs");
+        assert!(
+            store
+                .reader()
+                .current("app", "p", "after@x")
+                .expect("read")
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_operation_reads_its_own_writes() {
+        let (_dir, store) = open();
+        let seen = store
+            .write(|tx| -> Result<Option<VerificationId>, TestError> {
+                tx.set_current("a", "p", "e", VerificationId::from_bytes([3; 16]));
+                Ok(tx.current("a", "p", "e")?)
+            })
+            .await
+            .expect("write");
+        assert_eq!(seen, Some(VerificationId::from_bytes([3; 16])));
+    }
+
+    #[tokio::test]
+    async fn data_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+            store
+                .write(|tx| -> Result<(), TestError> {
+                    tx.set_current("a", "p", "kept", VerificationId::from_bytes([4; 16]));
+                    Ok(())
+                })
+                .await
+                .expect("write");
+            store.close().await;
+        }
+        let store = Store::open(dir.path(), &StoreConfig::default()).expect("reopen");
+        assert!(
+            store
+                .reader()
+                .current("a", "p", "kept")
+                .expect("read")
+                .is_some()
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The command line: `serve`, `config check`, `keys generate`. Parses arguments, loads the
+//! The command line: `serve`, `config check`, `keys generate`, `probe`. Parses arguments, loads the
 //! configuration and runs the chosen command; `main.rs` only calls [`run`].
 
 use std::path::PathBuf;
@@ -39,6 +39,15 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// Exit 0 when the local daemon answers /readyz with 200 (container health checks).
+    Probe {
+        /// Configuration file (to find the api listener).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
     },
     /// Key tools.
     Keys {
@@ -100,6 +109,11 @@ fn init_tracing(cfg: &Config) {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => serve(config).await,
+        Command::Probe { config, timeout } => {
+            let cfg =
+                Config::load(&Sources::from_cli(config)).context("configuration is not valid")?;
+            probe(cfg.listen.api, std::time::Duration::from_secs(timeout))
+        }
         Command::Config {
             action: ConfigAction::Check { config },
         } => {
@@ -199,5 +213,33 @@ async fn wait_for_signal() {
             tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// `GET /readyz` over a plain socket: no HTTP client library needed in the final image.
+fn probe(api: std::net::SocketAddr, timeout: std::time::Duration) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = api;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.take(4096).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1).unwrap_or_default();
+    if status == "200" {
+        println!("ready");
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: {}", text.lines().last().unwrap_or_default())
     }
 }

@@ -79,7 +79,7 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 }
 
 #[test]
-fn sigterm_drains_and_exits_cleanly() {
+fn probe_reports_ready_and_sigterm_drains_and_exits_cleanly() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tempdir");
@@ -101,12 +101,30 @@ fn sigterm_drains_and_exits_cleanly() {
         .spawn()
         .expect("spawn");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut api = String::new();
     for line in lines.by_ref() {
-        if line.expect("line").starts_with("verigate: api on ") {
+        let line = line.expect("line");
+        if let Some(rest) = line.strip_prefix("verigate: api on http://") {
+            api = rest.split(',').next().expect("addr").to_string();
             break;
         }
     }
     std::thread::spawn(move || for _ in lines {});
+    let probe = |api: &str| {
+        Command::new(env!("CARGO_BIN_EXE_verigate"))
+            .args(["probe", "--config"])
+            .arg(&cfg)
+            .env_remove("VERIGATE_CONFIG")
+            .env("VERIGATE_LISTEN__API", api)
+            .output()
+            .expect("probe")
+    };
+    let ready = probe(&api);
+    assert!(
+        ready.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
     let pid = child.id().to_string();
     let started = Instant::now();
     let status = Command::new("kill")
@@ -117,4 +135,8 @@ fn sigterm_drains_and_exits_cleanly() {
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "exit status {exit:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        !probe(&api).status.success(),
+        "probe fails once the daemon is gone"
+    );
 }

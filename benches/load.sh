@@ -126,26 +126,58 @@ id = "bench"
 api_keys = ["$KEY"]
 EOF
 
-# Settings that later versions may add (DESIGN §5, §8): keep each only if this build's
-# `config check` accepts it, so the script works before and after they land.
-#  - DNS on create would query example.com (no network here; and it measures the resolver).
-#  - Rate limits (per_domain 600/1m, per_app 2000/1s by default) would turn the benchmark into
-#    a measurement of the limiter: every address here shares the domain example.com.
-optional_snippets=(
-    $'[dns]\ncheck_on_create = false'
-    $'[limits]\nper_address = []\nper_domain = []\nper_client_ip = []\nper_app = []\ncode_checks_per_client_ip = []'
+# Settings that later versions add (DESIGN §5, §8). Each is kept only if this build's
+# `config check` accepts it, so the script works before and after they land:
+#  - DNS checks on create would query example.com for every request (no network here; and it
+#    would measure the resolver, not the daemon);
+#  - rate limits (per_domain 600/1m, per_app 2000/1s, code checks per verification 10/1m by
+#    default) would turn the benchmark into a measurement of the limiter: every address here
+#    shares the domain example.com and all traffic is one app.
+# Afterwards the effective configuration is checked: a limit or DNS check still on is an error.
+optional=(
+    "dns|check_on_create = false"
+    "limits|per_address = []"
+    "limits|per_domain = []"
+    "limits|per_client_ip = []"
+    "limits|per_app = []"
+    "limits|code_checks_per_client_ip = []"
+    "limits|code_checks_per_verification = []"
 )
+cp "$CONFIG" "$TMP/base.toml"
+render_config() { # accepted entries... → config text
+    cat "$TMP/base.toml"
+    local table entry e seen=" "
+    for entry in "$@"; do
+        table=${entry%%|*}
+        [[ "$seen" == *" $table "* ]] && continue
+        seen+="$table "
+        printf '\n[%s]\n' "$table"
+        for e in "$@"; do
+            [[ "${e%%|*}" == "$table" ]] && printf '%s\n' "${e#*|}"
+        done
+    done
+}
 "$VERIGATE" config check --config "$CONFIG" >/dev/null 2>"$TMP/config-check.err" ||
     { cat "$TMP/config-check.err" >&2; die "the base config is not valid"; }
-for snippet in "${optional_snippets[@]}"; do
-    cp "$CONFIG" "$TMP/probe.toml"
-    printf '\n%s\n' "$snippet" >>"$TMP/probe.toml"
+accepted=()
+for entry in "${optional[@]}"; do
+    render_config "${accepted[@]}" "$entry" >"$TMP/probe.toml"
     if "$VERIGATE" config check --config "$TMP/probe.toml" >/dev/null 2>&1; then
-        printf '\n%s\n' "$snippet" >>"$CONFIG"
-        log "config: this build accepts ${snippet%%$'\n'*}; added: ${snippet//$'\n'/ }"
+        accepted+=("$entry")
+        log "config: [${entry%%|*}] ${entry#*|}"
     fi
 done
-rm -f "$TMP/probe.toml"
+render_config "${accepted[@]}" >"$CONFIG"
+rm -f "$TMP/probe.toml" "$TMP/base.toml"
+# The effective configuration, as `config check` prints it: no rate limit and no DNS check on.
+"$VERIGATE" config check --config "$CONFIG" >"$TMP/effective.toml" 2>/dev/null
+still_on=$(awk '
+    /^\[/ { sec = $0; next }
+    sec == "[limits]" && /^(per_|code_checks_)[a-z_]* = \[.+\]/ { print sec " " $0 }
+    sec == "[dns]" && /^check_on_create = true/ { print sec " " $0 }
+' "$TMP/effective.toml")
+[[ -z "$still_on" ]] || die "this build keeps settings on that distort the benchmark (update the optional list in $0):
+$still_on"
 
 # 4. start both servers
 log "starting verigate on 127.0.0.1:$API_PORT (data dir $TMP/data)"
@@ -159,7 +191,7 @@ wait_up() { # name pid url
     local name=$1 pid=$2 url=$3
     for _ in $(seq 300); do
         kill -0 "$pid" 2>/dev/null || { cat "$TMP/$name.log" >&2; die "$name exited during start-up"; }
-        if curl -fsS -o /dev/null --max-time 1 "$url"; then return 0; fi
+        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
         sleep 0.1
     done
     cat "$TMP/$name.log" >&2
@@ -184,14 +216,27 @@ metric() { # name → value from verigate's /metrics (0 when absent)
         awk -v n="$1" '$1 == n { v = $2 } END { print (v == "" ? 0 : v) }'
 }
 
-declare -A RES
-run_wrk() { # label port mode method ids_out ids_in duration
-    local label=$1 port=$2 mode=$3 method=$4 ids_out=$5 ids_in=$6 dur=$7
+# CPU accounting: the server's own CPU time (utime + stime) over a run, and the whole machine's
+# busy time, so that a run disturbed by other work on the machine shows up in the report.
+CLK_TCK=$(getconf CLK_TCK)
+NCPU=$(nproc)
+proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+machine_busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+
+declare -A RES CPU
+run_wrk() { # label port mode method ids_out ids_in duration pid
+    local label=$1 port=$2 mode=$3 method=$4 ids_out=$5 ids_in=$6 dur=$7 pid=$8
     local out="$TMP/wrk-$label.txt"
+    local p0 m0 t0 p1 m1 t1
+    p0=$(proc_ticks "$pid"); m0=$(machine_busy_ticks); t0=$(date +%s.%N)
     log "wrk $label: -t$THREADS -c$CONNECTIONS -d$dur $mode → 127.0.0.1:$port"
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s --latency -s "$LUA" \
         "http://127.0.0.1:$port" -- "$mode" "$KEY" "$NONCE-$label" "$method" \
         "$ids_out" "$ids_in" "$THREADS" >"$out" 2>&1 || { cat "$out" >&2; die "wrk $label failed"; }
+    p1=$(proc_ticks "$pid"); m1=$(machine_busy_ticks); t1=$(date +%s.%N)
+    # server CPU % of one core, machine busy % of all cores
+    CPU[$label]=$(awk -v p="$((p1 - p0))" -v m="$((m1 - m0))" -v t0="$t0" -v t1="$t1" \
+        -v hz="$CLK_TCK" -v n="$NCPU" 'BEGIN { w = t1 - t0; printf "%.0f %.0f %.6f", 100 * p / hz / w, 100 * m / hz / w / n, p / hz }')
     local line
     line=$(grep '^RESULT ' "$out" | tail -1) || { cat "$out" >&2; die "no RESULT from wrk $label"; }
     RES[$label]=${line#RESULT }
@@ -210,14 +255,14 @@ declare -A COMMITS OPS
 store_snapshot() { COMMITS[$1]=$(metric verigate_store_commits_total); OPS[$1]=$(metric verigate_store_ops_total); }
 
 # create: same Lua, same request shape, baseline first, then verigate.
-run_wrk create-baseline "$BASELINE_PORT" create "$CREATE_METHOD" - - "$DURATION"
+run_wrk create-baseline "$BASELINE_PORT" create "$CREATE_METHOD" - - "$DURATION" "$BL_PID"
 store_snapshot before-create
-run_wrk create-verigate "$API_PORT" create "$CREATE_METHOD" - - "$DURATION"
+run_wrk create-verigate "$API_PORT" create "$CREATE_METHOD" - - "$DURATION" "$VG_PID"
 store_snapshot after-create
 
 # check: the pool. A seed run creates as many `code` verifications as it can in SEED_DURATION
 # and records their ids. (The 1-by-1 alternative, curl in a loop, is ~100x slower.)
-run_wrk seed "$API_PORT" create code "$TMP/ids" - "$SEED_DURATION"
+run_wrk seed "$API_PORT" create code "$TMP/ids" - "$SEED_DURATION" "$VG_PID"
 cat "$TMP"/ids.* >"$TMP/ids"
 POOL=$(wc -l <"$TMP/ids")
 (( POOL >= THREADS * 10 )) || die "seed run created only $POOL code verifications"
@@ -230,9 +275,9 @@ sample=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H "Authorization: Beare
     "http://127.0.0.1:$API_PORT/v1/verifications/check")
 log "sample check: $sample"
 
-run_wrk check-baseline "$BASELINE_PORT" check - - "$TMP/ids" "$DURATION"
+run_wrk check-baseline "$BASELINE_PORT" check - - "$TMP/ids" "$DURATION" "$BL_PID"
 store_snapshot before-check
-run_wrk check-verigate "$API_PORT" check - - "$TMP/ids" "$DURATION"
+run_wrk check-verigate "$API_PORT" check - - "$TMP/ids" "$DURATION" "$VG_PID"
 store_snapshot after-check
 
 # ---------------------------------------------------------------------------------------------
@@ -249,14 +294,21 @@ echo
 echo "verigate load benchmark: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $(nproc) CPUs shared by client and server"
 echo "create method: $CREATE_METHOD; check pool: $POOL code verifications"
 echo
-printf '%-8s %-9s %10s %9s %9s %9s %11s  %-26s %s\n' \
-    scenario target req/s p50 p99 max non-2xx/3xx statuses "socket errors"
+cpu() { # label → "server CPU % of one core", "server CPU µs per request", "machine busy %"
+    local srv mach secs
+    read -r srv mach secs <<<"${CPU[$1]}"
+    awk -v s="$srv" -v m="$mach" -v c="$secs" -v r="$(field "$1" requests)" \
+        'BEGIN { printf "%s%% %.0f %s%%", s, (r > 0) ? 1e6 * c / r : 0, m }'
+}
+printf '%-8s %-9s %10s %9s %9s %9s %11s %8s %8s %8s  %-22s %s\n' \
+    scenario target req/s p50 p99 max non-2xx/3xx srv-cpu "us/req" machine statuses "socket errors"
 for scen in create check; do
     for tgt in baseline verigate; do
         l="$scen-$tgt"
-        printf '%-8s %-9s %10s %9s %9s %9s %11s  %-26s %s\n' "$scen" "$tgt" "$(field "$l" rps)" \
+        read -r c_srv c_req c_mach <<<"$(cpu "$l")"
+        printf '%-8s %-9s %10s %9s %9s %9s %11s %8s %8s %8s  %-22s %s\n' "$scen" "$tgt" "$(field "$l" rps)" \
             "$(ms "$(field "$l" p50_us)")" "$(ms "$(field "$l" p99_us)")" "$(ms "$(field "$l" max_us)")" \
-            "$(field "$l" non2xx3xx)" "$(field "$l" statuses)" "$(errs "$l")"
+            "$(field "$l" non2xx3xx)" "$c_srv" "$c_req" "$c_mach" "$(field "$l" statuses)" "$(errs "$l")"
     done
 done
 echo
@@ -281,6 +333,10 @@ for scen in create check; do
 done
 echo
 echo "notes:"
+echo "  - srv-cpu: the server process's CPU time over the run, in % of one core; us/req: that CPU"
+echo "    time per completed request; machine: all cores busy, %. The client (wrk) runs on the same"
+echo "    $NCPU cores. If machine is near 100% while srv-cpu + wrk cannot explain it, other work on"
+echo "    the machine disturbed the run: rerun when it is quiet."
 echo "  - create: every 2xx is 202; non-2xx/3xx counts anything else (503 overloaded, 429, 5xx)."
 echo "  - check: verigate answers 400 invalid_code (wrong code, attempts left) by design, so its"
 echo "    non-2xx/3xx count equals its request count; any status other than 400 is an anomaly."

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::outbox::retry::RetryPolicy;
 use crate::outbox::transport::Transport;
 use crate::outbox::worker::{self, WorkerConfig};
+use crate::ratelimit::{RateLimitMetrics, RateLimiter};
 use crate::store::Store;
 use crate::templates::Templates;
 use crate::verification::service::{Parts, Service};
@@ -239,6 +240,14 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
     let templates = Arc::new(Templates::builtin().map_err(|e| Error::Setup(e.to_string()))?);
     let apps = Apps::from_config(&cfg).map_err(Error::Setup)?;
     let mail_ready = Arc::new(Notify::new());
+    let limiter = RateLimiter::with_overrides(
+        &cfg.limits,
+        cfg.apps
+            .iter()
+            .filter_map(|a| a.limits.as_ref().map(|l| (a.id.as_str(), l))),
+        RateLimitMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?,
+    )
+    .map_err(|e| Error::Setup(e.to_string()))?;
     let dns = if cfg.dns.check_on_create {
         let dm =
             DnsMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?;
@@ -259,6 +268,7 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         default_from: cfg.delivery.from.clone(),
         dns,
         on_dns_failure: cfg.dns.on_failure,
+        limiter: limiter.clone(),
     });
     let transport = match cfg.delivery.transport {
         TransportKind::File => {
@@ -297,6 +307,7 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
             ready.worker_running.store(false, Ordering::Relaxed);
         }));
     }
+    background.push(limiter.spawn_cleanup(bg_rx.clone()));
     {
         let service = service.clone();
         let mut rx = bg_rx.clone();

@@ -131,6 +131,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Logging.
     pub log: Log,
+    /// Rate limits (an app may override them in its own `limits` table).
+    pub limits: crate::ratelimit::LimitsConfig,
     /// Tenants sharing this daemon.
     pub apps: Vec<AppConfig>,
 }
@@ -150,6 +152,7 @@ impl Default for Config {
             http: Http::default(),
             store: StoreConfig::default(),
             log: Log::default(),
+            limits: crate::ratelimit::LimitsConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -426,6 +429,8 @@ pub struct AppConfig {
     pub redirect_prefixes: Vec<String>,
     /// Sender of this app's mail. Default `delivery.from`.
     pub from: Option<String>,
+    /// This app's rate limits, replacing the `[limits]` entries it names. Default none.
+    pub limits: Option<crate::ratelimit::LimitsOverride>,
 }
 
 /// Where the configuration comes from.

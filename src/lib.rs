@@ -9,6 +9,7 @@
 //! - [`verification`]: the record and state machine; tokens, codes; the service over the store.
 //! - [`address`]: email address syntax and normalization.
 //! - [`outbox`]: durable delivery queue: entries, retry policy, transports, the mail worker.
+//! - [`ratelimit`]: keyed token buckets (governor) for creates, resends and code checks.
 //! - [`store`]: the fjall database behind one group-committing writer.
 //! - [`templates`]: built-in mail and page templates (en, zh-CN).
 //! - [`mail`]: RFC 5322 messages with header safety by construction.
@@ -28,6 +29,7 @@ pub mod id;
 pub mod mail;
 pub mod metrics;
 pub mod outbox;
+pub mod ratelimit;
 pub mod store;
 pub mod templates;
 pub mod verification;

@@ -173,6 +173,16 @@ impl From<ServiceError> for ApiError {
             )
             .with_field("email")
             .with("reason", Value::from(reason)),
+            E::RateLimited {
+                limit,
+                retry_after_secs,
+            } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("Too many requests ({limit}). Retry in {retry_after_secs} seconds."),
+            )
+            .with("limit", Value::from(limit))
+            .with_retry_after(retry_after_secs),
             E::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 ApiError::internal()

@@ -669,6 +669,18 @@ impl Reader {
         Ok(out)
     }
 
+    /// A remembered idempotency answer.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn idempotency(&self, app: &str, key: &str) -> Result<Option<IdempotencyRecord>> {
+        self.ks
+            .idempotency
+            .get(keys::idempotency(app, key))?
+            .map(|b| codec::decode(&b).map_err(Error::from))
+            .transpose()
+    }
+
     /// Idempotency keys remembered since before `cutoff` (for pruning), at most `limit`.
     ///
     /// # Errors

@@ -167,6 +167,9 @@ pub struct Verification {
     pub email: String,
     /// Lower-cased address used as the (app, email, purpose) index key.
     pub email_key: String,
+    /// IDNA ASCII form of the domain (rate-limit key, DNS).
+    #[serde(default)]
+    pub ascii_domain: String,
     /// ASCII form for the SMTP envelope, when there is one.
     pub ascii_email: Option<String>,
     /// What for (`signup`, …).
@@ -382,6 +385,7 @@ mod tests {
             app: "shop".into(),
             email: "a@example.com".into(),
             email_key: "a@example.com".into(),
+            ascii_domain: "example.com".into(),
             ascii_email: Some("a@example.com".into()),
             purpose: "signup".into(),
             subject: None,

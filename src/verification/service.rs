@@ -22,6 +22,7 @@ use crate::config::VerificationPolicy;
 use crate::id::{MessageId, VerificationId};
 use crate::metrics::Metrics;
 use crate::outbox::{CallbackJob, EmailJob, OutboxEntry, Payload};
+use crate::ratelimit::{Decision, RateLimiter};
 use crate::store::{self, IdempotencyRecord, Store, Tx};
 use crate::templates::{self, Templates};
 
@@ -90,6 +91,14 @@ pub enum Error {
         reason: &'static str,
         /// For a person.
         message: String,
+    },
+    /// A rate limit refused the request.
+    #[error("too many requests ({limit}); retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Which limit.
+        limit: &'static str,
+        /// Seconds until the same request could pass that limit.
+        retry_after_secs: u64,
     },
     /// The store failed.
     #[error(transparent)]
@@ -188,6 +197,7 @@ struct Inner {
     default_from: String,
     dns: Option<DomainChecker>,
     on_dns_failure: OnFailure,
+    limiter: RateLimiter,
 }
 
 /// Everything the service is built from.
@@ -216,6 +226,8 @@ pub struct Parts {
     pub dns: Option<DomainChecker>,
     /// `dns.on_failure`.
     pub on_dns_failure: OnFailure,
+    /// Rate limits.
+    pub limiter: RateLimiter,
 }
 
 fn field(field: &'static str, message: impl Into<String>) -> Error {
@@ -257,6 +269,24 @@ pub fn body_hash(body: &[u8]) -> String {
     crate::apps::encode_hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref())
 }
 
+fn parse_client_ip(ip: Option<&str>) -> Result<Option<std::net::IpAddr>> {
+    ip.map(|s| {
+        s.parse()
+            .map_err(|_| field("client_ip", "client_ip must be an IPv4 or IPv6 address"))
+    })
+    .transpose()
+}
+
+fn limited(d: Decision) -> Result<()> {
+    match d {
+        Decision::Allow => Ok(()),
+        Decision::Deny { limit, .. } => Err(Error::RateLimited {
+            limit: limit.as_str(),
+            retry_after_secs: d.retry_after_secs().unwrap_or(1),
+        }),
+    }
+}
+
 impl Service {
     /// Builds the service.
     pub fn new(p: Parts) -> Self {
@@ -273,6 +303,7 @@ impl Service {
             default_from: p.default_from,
             dns: p.dns,
             on_dns_failure: p.on_dns_failure,
+            limiter: p.limiter,
         }))
     }
 
@@ -351,14 +382,7 @@ impl Service {
                 ));
             }
         }
-        if let Some(ip) = &req.client_ip
-            && ip.parse::<std::net::IpAddr>().is_err()
-        {
-            return Err(field(
-                "client_ip",
-                "client_ip must be an IPv4 or IPv6 address",
-            ));
-        }
+        let client_ip = parse_client_ip(req.client_ip.as_deref())?;
         if let Some(l) = &req.locale {
             check_locale(l)?;
         }
@@ -387,8 +411,21 @@ impl Service {
         };
         let addr = address::parse(&req.email, &address::Options::default())
             .map_err(|e| Error::InvalidEmail(e.to_string()))?;
-        self.check_domain(&addr.ascii_domain).await?;
         let email_key = addr.normalized.to_lowercase();
+        // A replay of an Idempotency-Key answers without spending rate-limit cells or DNS
+        // lookups; the writer checks again for races.
+        if let Some(reply) = self
+            .idempotent_replay(&app.id, idempotency.as_ref())
+            .await?
+        {
+            return Ok(reply);
+        }
+        limited(
+            self.0
+                .limiter
+                .check_create(&app.id, &email_key, &addr.ascii_domain, client_ip),
+        )?;
+        self.check_domain(&addr.ascii_domain).await?;
         let locale =
             templates::pick_locale(req.locale.as_deref(), &policy.default_locale).to_string();
 
@@ -419,6 +456,7 @@ impl Service {
             app: app.id.clone(),
             email: addr.normalized.clone(),
             email_key,
+            ascii_domain: addr.ascii_domain.clone(),
             ascii_email: addr.ascii_email.clone(),
             purpose,
             subject: req.subject,
@@ -509,6 +547,41 @@ impl Service {
         self.0.metrics.event("created", method);
         self.0.mail_ready.notify_waiters();
         Ok(reply)
+    }
+
+    /// The remembered answer for a repeated Idempotency-Key, if there is one.
+    ///
+    /// # Errors
+    /// [`Error::IdempotencyConflict`] for the same key with another body; a store failure.
+    async fn idempotent_replay(
+        &self,
+        app: &str,
+        idempotency: Option<&(String, String)>,
+    ) -> Result<Option<Reply>> {
+        let Some((key, hash)) = idempotency.cloned() else {
+            return Ok(None);
+        };
+        let app = app.to_string();
+        let ttl = Duration::from_secs(self.0.policy.idempotency_ttl_seconds);
+        let now = self.now();
+        let prev = self
+            .0
+            .store
+            .read(move |r| r.idempotency(&app, &key))
+            .await?;
+        match prev {
+            Some(p) if p.created_at.plus(ttl) > now => {
+                if p.request_hash == hash {
+                    Ok(Some(Reply {
+                        status: p.status,
+                        body: p.body,
+                    }))
+                } else {
+                    Err(Error::IdempotencyConflict)
+                }
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Applies the DNS deliverability policy to a domain, when checks are on.
@@ -693,14 +766,7 @@ impl Service {
     /// # Errors
     /// Wrong code, expired, locked, closed, not found, invalid input, or a store failure.
     pub async fn check(&self, app: &App, req: CheckRequest) -> Result<Value> {
-        if let Some(ip) = &req.client_ip
-            && ip.parse::<std::net::IpAddr>().is_err()
-        {
-            return Err(field(
-                "client_ip",
-                "client_ip must be an IPv4 or IPv6 address",
-            ));
-        }
+        let client_ip = parse_client_ip(req.client_ip.as_deref())?;
         let id = match self
             .resolve(
                 app,
@@ -721,6 +787,24 @@ impl Service {
             }
             Err(e) => return Err(e),
         };
+        // Limits apply once the verification is known to exist for this app, so made-up ids
+        // cannot fill the limiter's tables.
+        match self.0.store.read(move |r| r.verification(id)).await? {
+            Some(v) if v.app == app.id => {}
+            _ => {
+                self.0
+                    .metrics
+                    .code_checks
+                    .with_label_values(&["not_found"])
+                    .inc();
+                return Err(Error::NotFound);
+            }
+        }
+        limited(
+            self.0
+                .limiter
+                .check_code(&app.id, &id.to_string(), client_ip),
+        )?;
         let now = self.now();
         // Junk that cannot be a code is still an attempt; it just never matches.
         let code = super::code::normalize(&req.code, self.0.policy.code_length.saturating_mul(2));
@@ -817,7 +901,15 @@ impl Service {
     /// # Errors
     /// Not found, expired, closed, or a store failure.
     pub async fn resend(&self, app: &App, id: &str) -> Result<Value> {
-        let id: VerificationId = id.parse().map_err(|_| Error::NotFound)?;
+        let current = self.get(app, id).await?;
+        if current.status_at(self.now()) == Status::Pending {
+            limited(self.0.limiter.check_resend(
+                &app.id,
+                &current.email_key,
+                &current.ascii_domain,
+            ))?;
+        }
+        let id = current.id;
         let now = self.now();
         let app_id = app.id.clone();
         let app = self.0.apps.get(&app_id).ok_or(Error::NotFound)?;

@@ -7,4 +7,5 @@ mod bad_input;
 mod binary;
 mod dns;
 mod http_limits;
+mod ratelimit;
 mod verify_flow;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use hyper::Method;
 use serde_json::json;
 
-use crate::support::app::{KEY, OTHER_KEY, REDIRECT, SIGNING_K1, SIGNING_K2, spawn_app, start};
+use crate::support::app::{
+    KEY, OTHER_KEY, REDIRECT, SIGNING_K1, SIGNING_K2, spawn_app, spawn_app_with, start,
+};
 use crate::support::mail::{read_all, wait_for};
 
 #[tokio::test]
@@ -217,7 +219,8 @@ async fn the_sweeper_marks_expired_verifications() {
 
 #[tokio::test]
 async fn fifty_concurrent_wrong_codes_never_exceed_the_budget() {
-    let app = spawn_app().await;
+    // Rate limits are tested on their own (ratelimit.rs); this test needs repeats.
+    let app = spawn_app_with("[limits]\ncode_checks_per_verification = []\n").await;
     let r = app
         .create(json!({"email": "e@example.com", "method": "code"}))
         .await;
@@ -264,7 +267,8 @@ async fn fifty_concurrent_wrong_codes_never_exceed_the_budget() {
 
 #[tokio::test]
 async fn a_new_verification_supersedes_the_pending_one() {
-    let app = spawn_app().await;
+    // Rate limits are tested on their own (ratelimit.rs); this test needs repeats.
+    let app = spawn_app_with("[limits]\nper_address = []\n").await;
     let first = app
         .create(json!({"email": "f@example.com", "method": "link_and_code"}))
         .await
@@ -310,7 +314,8 @@ async fn a_new_verification_supersedes_the_pending_one() {
 
 #[tokio::test]
 async fn cancel_and_resend() {
-    let app = spawn_app().await;
+    // Rate limits are tested on their own (ratelimit.rs); this test needs repeats.
+    let app = spawn_app_with("[limits]\nper_address = []\n").await;
     let id = app
         .create(json!({"email": "g@example.com", "method": "code"}))
         .await

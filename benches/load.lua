@@ -8,6 +8,8 @@
 --   5 ids_out   path prefix: write the id of every 202 answer to IDS_OUT.<thread>, or "-"
 --   6 ids_in    file of verification ids, one a line, to check against (check only), or "-"
 --   7 nthreads  the -t value, so that each thread takes a disjoint slice of ids_in
+--   8 limit     create mode: creates per thread, then GET /healthz for the rest of the run;
+--               0 (or absent) = no limit. The seed run uses it to create an exact pool.
 --
 -- Prints one line `RESULT k=v ...` from done(): req/s, latency percentiles in microseconds,
 -- socket errors, wrk's "Non-2xx or 3xx" count, and every HTTP status seen with its count.
@@ -28,6 +30,8 @@ local mode, nonce, method_field, out
 local headers
 local pool = {}
 local counter = 0
+local limit = 0
+local health
 
 function init(args)
    mode = args[1]
@@ -35,6 +39,8 @@ function init(args)
    nonce = args[3]
    local method = args[4]
    local ids_out, ids_in, nthreads = args[5], args[6], tonumber(args[7])
+   limit = tonumber(args[8] or "0") or 0
+   health = wrk.format("GET", "/healthz")
    headers = {
       ["Authorization"] = "Bearer " .. key,
       ["Content-Type"] = "application/json",
@@ -66,6 +72,9 @@ end
 function request()
    counter = counter + 1
    if mode == "create" then
+      if limit > 0 and counter > limit then
+         return health
+      end
       -- Unique per request: counter, thread and run nonce. The daemon's supersede logic (same
       -- app, email, purpose) and per-address rate limits therefore never come into play.
       local body = string.format('{"email":"u%d-t%d-%s@example.com"%s}',

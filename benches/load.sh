@@ -10,15 +10,19 @@
 #   3. starts both on fixed local ports with a throw-away data dir and config;
 #   4. drives both with the same wrk + Lua client (benches/load.lua) in two scenarios:
 #        create  POST /v1/verifications, a unique address per request (default method "link");
-#        check   POST /v1/verifications/check with a wrong code for a pending code verification;
+#        check   POST /v1/verifications/check with a wrong code for a pending code verification
+#                (verigate restarted on a fresh data dir first, then SEED_COUNT code
+#                verifications created as the pool to check against);
 #   5. prints req/s, p50 and p99 for each scenario and target, the verigate/baseline ratio, the
 #      HTTP status mix, and how many store operations shared each fsync (from /metrics).
 #
-# Bounded: two servers' start-up (≤ 30 s each, normally < 1 s), one seed run (SEED_DURATION) and
-# four measured runs (DURATION each): about 70 s with the defaults, after the build.
+# Bounded: three server start-ups (≤ 30 s each, normally < 1 s), one seed run (SEED_DURATION),
+# a wait for the seed's mails to go out (≤ 30 s, normally ~1 s) and four measured runs (DURATION
+# each): about 70 s with the defaults, after the build.
 #
 # Environment (defaults in brackets):
-#   DURATION [15s]  CONNECTIONS [64]  THREADS [2]  SEED_DURATION [5s]  CREATE_METHOD [link]
+#   DURATION [15s]  CONNECTIONS [64]  THREADS [2]  CREATE_METHOD [link]
+#   SEED_COUNT [2000]  SEED_DURATION [3s]  size of the check pool, and the time to create it
 #   API_PORT [18026]  PUBLIC_PORT [18025]  BASELINE_PORT [18027]
 #   KEEP_TMP [0]  keep the temp dir (config, daemon log, raw wrk output, data dir)
 #   SKIP_BUILD [0]  use the binaries already in target/release
@@ -27,7 +31,8 @@ set -euo pipefail
 DURATION=${DURATION:-15s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
-SEED_DURATION=${SEED_DURATION:-5s}
+SEED_DURATION=${SEED_DURATION:-3s}
+SEED_COUNT=${SEED_COUNT:-2000}
 CREATE_METHOD=${CREATE_METHOD:-link}
 API_PORT=${API_PORT:-18026}
 PUBLIC_PORT=${PUBLIC_PORT:-18025}
@@ -60,7 +65,6 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
 fi
 VERIGATE="$ROOT/target/release/verigate"
 BASELINE="$ROOT/target/release/examples/baseline_server"
-[[ -x "$VERIGATE" && -x "$BASELINE" ]] || die "binaries missing under target/release"
 
 # 3. temp dir, cleanup, config
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/verigate-load.XXXXXX")
@@ -78,8 +82,12 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     done
-    if [[ "$KEEP_TMP" == 1 || $rc -ne 0 ]]; then
+    if [[ "$KEEP_TMP" == 1 ]]; then
         log "temp dir kept: $TMP"
+    elif [[ $rc -ne 0 ]]; then
+        # Keep the logs and wrk output for the post-mortem; the data dirs are large.
+        rm -rf "$TMP"/data-* "$TMP/verigate" "$TMP/baseline_server"
+        log "temp dir kept (without data dirs): $TMP"
     else
         rm -rf "$TMP"
     fi
@@ -87,6 +95,13 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# Run copies: a concurrent `cargo build` must not swap the binary between the two phases.
+[[ -x "$VERIGATE" && -x "$BASELINE" ]] || die "binaries missing under target/release"
+cp "$VERIGATE" "$TMP/verigate"
+cp "$BASELINE" "$TMP/baseline_server"
+VERIGATE="$TMP/verigate"
+BASELINE="$TMP/baseline_server"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$API_PORT" "$PUBLIC_PORT" "$BASELINE_PORT"; do
@@ -180,13 +195,6 @@ still_on=$(awk '
 $still_on"
 
 # 4. start both servers
-log "starting verigate on 127.0.0.1:$API_PORT (data dir $TMP/data)"
-"$VERIGATE" serve --config "$CONFIG" >"$TMP/verigate.log" 2>&1 &
-VG_PID=$!
-log "starting baseline on 127.0.0.1:$BASELINE_PORT"
-"$BASELINE" "$BASELINE_PORT" >"$TMP/baseline.log" 2>&1 &
-BL_PID=$!
-
 wait_up() { # name pid url
     local name=$1 pid=$2 url=$3
     for _ in $(seq 300); do
@@ -197,7 +205,26 @@ wait_up() { # name pid url
     cat "$TMP/$name.log" >&2
     die "$name did not answer $url within 30 s"
 }
-wait_up verigate "$VG_PID" "http://127.0.0.1:$API_PORT/healthz"
+start_verigate() { # phase: a fresh data dir per phase, so one phase's outbox backlog stays out of the next
+    local phase=$1
+    sed "s#^data_dir = .*#data_dir = \"$TMP/data-$phase\"#" "$CONFIG" >"$TMP/verigate-$phase.toml"
+    log "starting verigate on 127.0.0.1:$API_PORT (data dir $TMP/data-$phase)"
+    "$VERIGATE" serve --config "$TMP/verigate-$phase.toml" >>"$TMP/verigate.log" 2>&1 &
+    VG_PID=$!
+    wait_up verigate "$VG_PID" "http://127.0.0.1:$API_PORT/healthz"
+}
+stop_verigate() { # SIGTERM (graceful), then SIGKILL after 15 s
+    kill "$VG_PID" 2>/dev/null || true
+    for _ in $(seq 150); do kill -0 "$VG_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$VG_PID" 2>/dev/null || true
+    wait "$VG_PID" 2>/dev/null || true
+    VG_PID=""
+}
+
+start_verigate create
+log "starting baseline on 127.0.0.1:$BASELINE_PORT"
+"$BASELINE" "$BASELINE_PORT" >"$TMP/baseline.log" 2>&1 &
+BL_PID=$!
 wait_up baseline "$BL_PID" "http://127.0.0.1:$BASELINE_PORT/healthz"
 
 # A smoke request each, so a wrong key or shape fails here and not as 100% errors under load.
@@ -212,8 +239,13 @@ smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H 'Content-Type: applica
 # ---------------------------------------------------------------------------------------------
 # 5. runs
 metric() { # name → value from verigate's /metrics (0 when absent)
-    curl -fsS --max-time 5 "http://127.0.0.1:$API_PORT/metrics" |
+    curl -fsS --max-time 10 "http://127.0.0.1:$API_PORT/metrics" |
         awk -v n="$1" '$1 == n { v = $2 } END { print (v == "" ? 0 : v) }'
+}
+metrics_excerpt() { # store, shedding, code checks, outbox, create/check answers; zeros left out
+    curl -fsS --max-time 10 "http://127.0.0.1:$API_PORT/metrics" |
+        grep -E '^verigate_(store_|http_shed|code_checks_total|outbox_depth|outbox_attempts_total|http_requests_total\{[^}]*route="(create|check)")' |
+        grep -v ' 0$' | sed 's/^/  /' || true
 }
 
 # CPU accounting: the server's own CPU time (utime + stime) over a run, and the whole machine's
@@ -224,7 +256,7 @@ proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 machine_busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 
 declare -A RES CPU
-run_wrk() { # label port mode method ids_out ids_in duration pid
+run_wrk() { # label port mode method ids_out ids_in duration pid [creates per thread, 0 = no limit]
     local label=$1 port=$2 mode=$3 method=$4 ids_out=$5 ids_in=$6 dur=$7 pid=$8
     local out="$TMP/wrk-$label.txt"
     local p0 m0 t0 p1 m1 t1
@@ -232,7 +264,7 @@ run_wrk() { # label port mode method ids_out ids_in duration pid
     log "wrk $label: -t$THREADS -c$CONNECTIONS -d$dur $mode → 127.0.0.1:$port"
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --timeout 10s --latency -s "$LUA" \
         "http://127.0.0.1:$port" -- "$mode" "$KEY" "$NONCE-$label" "$method" \
-        "$ids_out" "$ids_in" "$THREADS" >"$out" 2>&1 || { cat "$out" >&2; die "wrk $label failed"; }
+        "$ids_out" "$ids_in" "$THREADS" "${9:-0}" >"$out" 2>&1 || { cat "$out" >&2; die "wrk $label failed"; }
     p1=$(proc_ticks "$pid"); m1=$(machine_busy_ticks); t1=$(date +%s.%N)
     # server CPU % of one core, machine busy % of all cores
     CPU[$label]=$(awk -v p="$((p1 - p0))" -v m="$((m1 - m0))" -v t0="$t0" -v t1="$t1" \
@@ -259,14 +291,30 @@ run_wrk create-baseline "$BASELINE_PORT" create "$CREATE_METHOD" - - "$DURATION"
 store_snapshot before-create
 run_wrk create-verigate "$API_PORT" create "$CREATE_METHOD" - - "$DURATION" "$VG_PID"
 store_snapshot after-create
+METRICS_CREATE=$(metrics_excerpt)
 
-# check: the pool. A seed run creates as many `code` verifications as it can in SEED_DURATION
-# and records their ids. (The 1-by-1 alternative, curl in a loop, is ~100x slower.)
-run_wrk seed "$API_PORT" create code "$TMP/ids" - "$SEED_DURATION" "$VG_PID"
+# check runs on a fresh daemon: otherwise the outbox worker would spend the check run delivering
+# the create run's backlog (150k+ mails), and the check numbers would depend on the order.
+stop_verigate
+start_verigate check
+
+# The pool: a seed run creates SEED_COUNT `code` verifications (each wrk thread stops creating
+# after its share and sends GET /healthz for the rest of SEED_DURATION) and records their ids.
+# (The 1-by-1 alternative, curl in a loop, is ~100x slower.)
+run_wrk seed "$API_PORT" create code "$TMP/ids" - "$SEED_DURATION" "$VG_PID" \
+    "$(( (SEED_COUNT + THREADS - 1) / THREADS ))"
 cat "$TMP"/ids.* >"$TMP/ids"
 POOL=$(wc -l <"$TMP/ids")
 (( POOL >= THREADS * 10 )) || die "seed run created only $POOL code verifications"
+# (wrk calls request() once more on the first thread to validate the script: one create fewer.)
+(( POOL >= SEED_COUNT - 1 )) || log "WARNING: seed run created $POOL of $SEED_COUNT code verifications"
 log "check pool: $POOL pending code verifications (attempt budget 1000000 each)"
+# Let the worker deliver the seed's mails first (at most 30 s), so the check run measures checks.
+for _ in $(seq 300); do
+    [[ "$(metric 'verigate_outbox_depth{lane="email"}')" == 0 ]] && break
+    sleep 0.1
+done
+log "outbox depth before check: $(metric 'verigate_outbox_depth{lane="email"}')"
 
 # Before measuring, show the answer the check scenario expects, reproduced with curl.
 first_id=$(head -1 "$TMP/ids")
@@ -343,10 +391,10 @@ echo "    non-2xx/3xx count equals its request count; any status other than 400 
 echo "    The baseline answers 200. A rare 200 from verigate means '000000' was the real code."
 echo "  - raw wrk output and the daemon log: rerun with KEEP_TMP=1 (kept in $TMP)."
 echo
-echo "verigate /metrics excerpt (store, http shed, code checks, outbox):"
-curl -fsS --max-time 5 "http://127.0.0.1:$API_PORT/metrics" |
-    grep -E '^verigate_(store_|http_shed|code_checks_total|outbox_depth|http_requests_total\{[^}]*route="(create|check)")' |
-    grep -v ' 0$' | sed 's/^/  /' || true
+echo "verigate /metrics excerpt at the end of the create phase (its own daemon and data dir):"
+echo "$METRICS_CREATE"
+echo "verigate /metrics excerpt at the end of the check phase (seed + check):"
+metrics_excerpt
 if grep -qiE 'error|panic' "$TMP/verigate.log"; then
     echo
     echo "verigate log has errors (first 20 lines):"

@@ -19,7 +19,7 @@ use crate::config::{AppConfig, Config, Secret, Transport as TransportKind};
 use crate::http::api::{ApiState, Readiness};
 use crate::http::{Listener, Server};
 use crate::metrics::Metrics;
-use crate::outbox::retry::RetryPolicy;
+use crate::outbox::smtp::{SmtpMetrics, SmtpTransport};
 use crate::outbox::transport::Transport;
 use crate::outbox::worker::{self, WorkerConfig};
 use crate::ratelimit::{RateLimitMetrics, RateLimiter};
@@ -34,6 +34,8 @@ pub const SIGNING_KEYS_FILE: &str = "signing-keys";
 pub const DEV_API_KEY_FILE: &str = "dev-api-key";
 /// How often idempotency keys are pruned.
 const IDEMPOTENCY_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+/// How often an unreachable relay is probed again at start-up.
+const RELAY_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -279,15 +281,18 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         }
         TransportKind::Log => Transport::Log,
         TransportKind::Smtp => {
-            return Err(Error::Setup(
-                "delivery.transport = \"smtp\" is not available in this build yet; use \"file\" or \"log\"".into(),
-            ));
+            let sm = SmtpMetrics::register(metrics.registry())
+                .map_err(|e| Error::Setup(e.to_string()))?;
+            let t = SmtpTransport::new(&cfg.smtp.transport_config(), sm)
+                .map_err(|e| Error::Setup(format!("smtp: {e}")))?;
+            Transport::Smtp(t)
         }
     };
     let ready = Arc::new(Readiness::default());
-    ready
-        .transport_seen
-        .store(transport.is_ready(), Ordering::Relaxed);
+    ready.transport_seen.store(
+        transport.is_ready() || !cfg.delivery.ready_requires_transport,
+        Ordering::Relaxed,
+    );
 
     let (stop_http, http_rx) = watch::channel(false);
     let (stop_background, bg_rx) = watch::channel(false);
@@ -295,19 +300,43 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
     {
         let service = service.clone();
         let ready = ready.clone();
+        let worker_transport = transport.clone();
         let wcfg = WorkerConfig {
             lease: Duration::from_secs(cfg.delivery.lease_seconds),
-            retry: RetryPolicy::default(),
+            retry: cfg.delivery.retry_policy(),
+            max_per_second: cfg.delivery.max_per_second,
             concurrency: cfg.delivery.workers,
         };
         let rx = bg_rx.clone();
         background.push(tokio::spawn(async move {
             ready.worker_running.store(true, Ordering::Relaxed);
-            worker::run(service, transport, wcfg, mail_ready, rx).await;
+            worker::run(service, worker_transport, wcfg, mail_ready, rx).await;
             ready.worker_running.store(false, Ordering::Relaxed);
         }));
     }
     background.push(limiter.spawn_cleanup(bg_rx.clone()));
+    if let Transport::Smtp(t) = &transport
+        && !ready.transport_seen.load(Ordering::Relaxed)
+    {
+        // /readyz stays "not ready" until the relay has answered once.
+        let t = t.clone();
+        let ready = ready.clone();
+        let mut rx = bg_rx.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                if t.probe().await || t.has_reached_relay() {
+                    ready.transport_seen.store(true, Ordering::Relaxed);
+                    tracing::info!("SMTP relay reachable");
+                    break;
+                }
+                tracing::warn!("SMTP relay not reachable yet; /readyz reports not ready");
+                tokio::select! {
+                    _ = tokio::time::sleep(RELAY_PROBE_INTERVAL) => {}
+                    _ = rx.changed() => break,
+                }
+            }
+        }));
+    }
     {
         let service = service.clone();
         let mut rx = bg_rx.clone();

@@ -1,4 +1,4 @@
-//! The command line: `serve`, `config check`, `keys generate`, `probe`. Parses arguments, loads the
+//! The command line: `serve`, `config check`, `keys generate`, `probe`, `outbox`. Parses arguments, loads the
 //! configuration and runs the chosen command; `main.rs` only calls [`run`].
 
 use std::path::PathBuf;
@@ -49,6 +49,27 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+    /// Operate on a running daemon's outbox through its admin API.
+    Outbox {
+        /// The api listener. Default from the configuration (`listen.api`).
+        #[arg(long, global = true, value_name = "URL")]
+        url: Option<String>,
+        /// API key of the app whose outbox to see (else $VERIGATE_API_KEY).
+        #[arg(
+            long,
+            global = true,
+            value_name = "KEY",
+            env = "VERIGATE_API_KEY",
+            hide_env_values = true
+        )]
+        key: Option<String>,
+        /// Configuration file (to find `listen.api`).
+        #[arg(long, global = true, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// What to do.
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
     /// Key tools.
     Keys {
         /// What to do.
@@ -65,6 +86,35 @@ pub enum ConfigAction {
         /// Configuration file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+/// `outbox` actions.
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// List entries (newest last), optionally of one state.
+    List {
+        /// scheduled, delivered, failed or dropped.
+        #[arg(long)]
+        state: Option<String>,
+        /// Entries to show (at most 500).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one entry.
+    Show {
+        /// The entry id (msg_…).
+        id: String,
+    },
+    /// Attempt an entry now, with a fresh attempt budget.
+    Retry {
+        /// The entry id (msg_…).
+        id: String,
+    },
+    /// Delete an entry: it will not be delivered.
+    Drop {
+        /// The entry id (msg_…).
+        id: String,
     },
 }
 
@@ -109,6 +159,12 @@ fn init_tracing(cfg: &Config) {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => serve(config).await,
+        Command::Outbox {
+            url,
+            key,
+            config,
+            action,
+        } => outbox(url, key, config, action),
         Command::Probe { config, timeout } => {
             let cfg =
                 Config::load(&Sources::from_cli(config)).context("configuration is not valid")?;
@@ -216,9 +272,8 @@ async fn wait_for_signal() {
     }
 }
 
-/// `GET /readyz` over a plain socket: no HTTP client library needed in the final image.
-fn probe(api: std::net::SocketAddr, timeout: std::time::Duration) -> Result<()> {
-    use std::io::{Read, Write};
+/// Connects to the api listener; an unspecified bind address means this host.
+fn local_addr(api: std::net::SocketAddr) -> std::net::SocketAddr {
     let mut addr = api;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -227,19 +282,114 @@ fn probe(api: std::net::SocketAddr, timeout: std::time::Duration) -> Result<()> 
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
+    addr
+}
+
+/// Largest response the command-line tools read.
+const MAX_TOOL_RESPONSE: u64 = 4 << 20;
+
+/// One HTTP/1.0 exchange over a plain socket: no HTTP client library needed in the final
+/// image, and these tools only talk to the local api listener.
+fn http_exchange(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("cannot connect to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
     let mut buf = Vec::new();
-    s.take(4096).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1).unwrap_or_default();
-    if status == "200" {
+    s.take(MAX_TOOL_RESPONSE).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP response")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `GET /readyz`: exit 0 when ready.
+fn probe(api: std::net::SocketAddr, timeout: std::time::Duration) -> Result<()> {
+    let (status, body) = http_exchange(local_addr(api), "GET", "/readyz", None, timeout)?;
+    if status == 200 {
         println!("ready");
         Ok(())
     } else {
-        anyhow::bail!("not ready: {}", text.lines().last().unwrap_or_default())
+        anyhow::bail!("not ready ({status}): {body}")
     }
+}
+
+fn outbox(
+    url: Option<String>,
+    key: Option<String>,
+    config: Option<PathBuf>,
+    action: OutboxAction,
+) -> Result<()> {
+    let addr = match url {
+        Some(u) => {
+            let parsed = url::Url::parse(&u).context("--url must be like http://127.0.0.1:8026")?;
+            let host = parsed.host_str().context("--url needs a host")?;
+            let port = parsed
+                .port_or_known_default()
+                .context("--url needs a port")?;
+            std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?
+                .next()
+                .context("--url host does not resolve")?
+        }
+        None => local_addr(
+            Config::load(&Sources::from_cli(config))
+                .context("configuration is not valid")?
+                .listen
+                .api,
+        ),
+    };
+    let key = key.context("give the app's API key with --key or $VERIGATE_API_KEY")?;
+    let (method, path) = match &action {
+        OutboxAction::List { state, limit } => {
+            let mut p = format!("/admin/v1/outbox?limit={limit}");
+            if let Some(s) = state {
+                p.push_str(&format!("&state={}", enc(s)));
+            }
+            ("GET", p)
+        }
+        OutboxAction::Show { id } => ("GET", format!("/admin/v1/outbox/{}", enc(id))),
+        OutboxAction::Retry { id } => ("POST", format!("/admin/v1/outbox/{}/retry", enc(id))),
+        OutboxAction::Drop { id } => ("DELETE", format!("/admin/v1/outbox/{}", enc(id))),
+    };
+    let (status, body) = http_exchange(
+        addr,
+        method,
+        &path,
+        Some(&key),
+        std::time::Duration::from_secs(10),
+    )?;
+    let pretty = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(body);
+    println!("{pretty}");
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        anyhow::bail!("the daemon answered {status}")
+    }
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

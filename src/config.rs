@@ -214,6 +214,29 @@ pub struct Delivery {
     /// How long a claimed entry stays leased to a worker before another may take it,
     /// in seconds. Default 60.
     pub lease_seconds: u64,
+    /// First retry waits up to this long (full jitter), milliseconds. Default 3000.
+    pub retry_base_ms: u64,
+    /// Growth of the retry ceiling per attempt. Default 2.
+    pub retry_factor: u32,
+    /// Largest retry ceiling, seconds. Default 900.
+    pub retry_cap_seconds: u64,
+    /// Attempts before a mail fails for good (never after its verification expired). Default 12.
+    pub max_attempts: u32,
+    /// `/readyz` reports not ready until the transport has worked once (the SMTP relay
+    /// answered). Default true.
+    pub ready_requires_transport: bool,
+}
+
+impl Delivery {
+    /// The retry schedule these settings describe.
+    pub fn retry_policy(&self) -> crate::outbox::retry::RetryPolicy {
+        crate::outbox::retry::RetryPolicy {
+            base: std::time::Duration::from_millis(self.retry_base_ms),
+            factor: self.retry_factor,
+            cap: std::time::Duration::from_secs(self.retry_cap_seconds),
+            max_attempts: self.max_attempts,
+        }
+    }
 }
 
 impl Default for Delivery {
@@ -224,6 +247,11 @@ impl Default for Delivery {
             max_per_second: 100,
             workers: 4,
             lease_seconds: 60,
+            retry_base_ms: 3000,
+            retry_factor: 2,
+            retry_cap_seconds: 900,
+            max_attempts: 12,
+            ready_requires_transport: true,
         }
     }
 }
@@ -240,15 +268,15 @@ pub enum SmtpTls {
     Implicit,
 }
 
-/// SMTP relay settings.
+/// SMTP relay settings (see [`crate::outbox::smtp::SmtpConfig`] for the behaviour).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Smtp {
-    /// Relay host. Default `localhost`.
+    /// Relay host (also the TLS name). Default `localhost`.
     pub host: String,
     /// Relay port. Default 587.
     pub port: u16,
-    /// `"none"`, `"starttls"` or `"implicit"`. Default `"starttls"`.
+    /// `"none"`, `"starttls"` (required, no downgrade) or `"implicit"`. Default `"starttls"`.
     pub tls: SmtpTls,
     /// AUTH user name. Default none.
     pub username: Option<String>,
@@ -256,17 +284,59 @@ pub struct Smtp {
     pub password: Option<Secret<String>>,
     /// File holding the AUTH password. Default none.
     pub password_file: Option<PathBuf>,
+    /// Name sent in EHLO. Default: this machine's host name.
+    pub helo_name: Option<String>,
+    /// Opening a session (connect, greeting, EHLO, STARTTLS, AUTH), milliseconds. Default 10000.
+    pub connect_timeout_ms: u64,
+    /// Each of MAIL, RCPT, RSET, NOOP, QUIT, milliseconds. Default 30000.
+    pub command_timeout_ms: u64,
+    /// DATA, the message and the final reply, milliseconds. Default 60000.
+    pub data_timeout_ms: u64,
+    /// Idle sessions kept for reuse; 0 = a session per message. Default 4.
+    pub pool_size: usize,
+    /// A pooled session idle longer than this gets a NOOP before reuse, milliseconds. Default 30000.
+    pub idle_timeout_ms: u64,
+    /// Accept any TLS certificate: test relays only. Default false.
+    pub accept_invalid_certs: bool,
 }
 
 impl Default for Smtp {
     fn default() -> Self {
+        let d = crate::outbox::smtp::SmtpConfig::default();
         Smtp {
-            host: "localhost".into(),
-            port: 587,
-            tls: SmtpTls::Starttls,
+            host: d.host,
+            port: d.port,
+            tls: d.tls,
             username: None,
             password: None,
             password_file: None,
+            helo_name: None,
+            connect_timeout_ms: d.connect_timeout_ms,
+            command_timeout_ms: d.command_timeout_ms,
+            data_timeout_ms: d.data_timeout_ms,
+            pool_size: d.pool_size,
+            idle_timeout_ms: d.idle_timeout_ms,
+            accept_invalid_certs: d.accept_invalid_certs,
+        }
+    }
+}
+
+impl Smtp {
+    /// The transport's configuration, with the password resolved.
+    pub fn transport_config(&self) -> crate::outbox::smtp::SmtpConfig {
+        crate::outbox::smtp::SmtpConfig {
+            host: self.host.clone(),
+            port: self.port,
+            tls: self.tls,
+            username: self.username.clone(),
+            password: self.password.as_ref().map(|p| p.expose().clone()),
+            helo_name: self.helo_name.clone(),
+            connect_timeout_ms: self.connect_timeout_ms,
+            command_timeout_ms: self.command_timeout_ms,
+            data_timeout_ms: self.data_timeout_ms,
+            pool_size: self.pool_size,
+            idle_timeout_ms: self.idle_timeout_ms,
+            accept_invalid_certs: self.accept_invalid_certs,
         }
     }
 }
@@ -594,6 +664,15 @@ impl Config {
         }
         if self.delivery.workers == 0 {
             return Err(invalid("delivery.workers", "must be at least 1"));
+        }
+        if self.delivery.retry_base_ms == 0
+            || self.delivery.retry_factor == 0
+            || self.delivery.max_attempts == 0
+        {
+            return Err(invalid(
+                "delivery.retry_base_ms",
+                "retry_base_ms, retry_factor and max_attempts must be at least 1",
+            ));
         }
         if self.delivery.lease_seconds == 0 {
             return Err(invalid("delivery.lease_seconds", "must be at least 1"));

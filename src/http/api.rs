@@ -12,7 +12,7 @@ use super::{
     ApiError, Resp, Router, json, json_text, parse_json, read_body, require_json, with_route,
 };
 use crate::apps::App;
-use crate::outbox::Lane;
+use crate::outbox::{Lane, State, admin};
 use crate::verification::service::{
     CheckRequest, CreateRequest, MAX_IDEMPOTENCY_KEY_BYTES, Service, body_hash,
 };
@@ -119,6 +119,50 @@ async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
             },
         ),
         (["v1", "verifications", _, "resend"], _) => ("resend", Err(method_not_allowed("POST"))),
+        (["admin", "v1", "outbox"], &Method::GET) => (
+            "admin_outbox_list",
+            match authed(&state, &req) {
+                Ok(app) => admin_list(&state, &app, req.uri().query()).await,
+                Err(e) => Err(e),
+            },
+        ),
+        (["admin", "v1", "outbox"], _) => ("admin_outbox_list", Err(method_not_allowed("GET"))),
+        (["admin", "v1", "outbox", id], &Method::GET) => (
+            "admin_outbox_show",
+            match authed(&state, &req) {
+                Ok(app) => admin::show(&state.service, &app.id, id)
+                    .await
+                    .map(|b| json(StatusCode::OK, &b))
+                    .map_err(ApiError::from),
+                Err(e) => Err(e),
+            },
+        ),
+        (["admin", "v1", "outbox", id], &Method::DELETE) => (
+            "admin_outbox_drop",
+            match authed(&state, &req) {
+                Ok(app) => admin::drop_entry(&state.service, &app.id, id)
+                    .await
+                    .map(|b| json(StatusCode::OK, &b))
+                    .map_err(ApiError::from),
+                Err(e) => Err(e),
+            },
+        ),
+        (["admin", "v1", "outbox", _], _) => {
+            ("admin_outbox_show", Err(method_not_allowed("GET, DELETE")))
+        }
+        (["admin", "v1", "outbox", id, "retry"], &Method::POST) => (
+            "admin_outbox_retry",
+            match authed(&state, &req) {
+                Ok(app) => admin::retry(&state.service, &app.id, id)
+                    .await
+                    .map(|b| json(StatusCode::OK, &b))
+                    .map_err(ApiError::from),
+                Err(e) => Err(e),
+            },
+        ),
+        (["admin", "v1", "outbox", _, "retry"], _) => {
+            ("admin_outbox_retry", Err(method_not_allowed("POST")))
+        }
         _ => (
             "unmatched",
             Err(ApiError::new(
@@ -207,6 +251,56 @@ async fn check(state: &ApiState, app: Arc<App>, req: Request<Incoming>) -> Resul
     let parsed: CheckRequest = parse_json(&body)?;
     let v = state.service.check(&app, parsed).await?;
     Ok(json(StatusCode::OK, &v))
+}
+
+async fn admin_list(state: &ApiState, app: &App, query: Option<&str>) -> Result<Resp, ApiError> {
+    let mut st = None;
+    let mut after = None;
+    let mut limit = admin::DEFAULT_PAGE;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "state" => {
+                st = Some(State::parse(&v).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "state must be scheduled, delivered, failed or dropped.",
+                    )
+                    .with_field("state")
+                })?);
+            }
+            "after" => {
+                after = Some(v.parse().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "after must be an outbox entry id (msg_…).",
+                    )
+                    .with_field("after")
+                })?);
+            }
+            "limit" => {
+                limit = v.parse().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        format!("limit must be 1 to {}.", admin::MAX_PAGE),
+                    )
+                    .with_field("limit")
+                })?;
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unknown_field",
+                    format!("Unknown query parameter \"{other}\"."),
+                )
+                .with_field(other.to_string()));
+            }
+        }
+    }
+    let body = admin::list(&state.service, &app.id, st, after, limit).await?;
+    Ok(json(StatusCode::OK, &body))
 }
 
 fn readyz(state: &ApiState) -> Resp {

@@ -9,6 +9,10 @@
 //! | GET | `/v1/verifications/{id}` | read one |
 //! | POST | `/v1/verifications/{id}/resend` | queue the mail again |
 //! | DELETE | `/v1/verifications/{id}` | cancel |
+//! | GET | `/admin/v1/outbox?state=&after=&limit=` | list the app's outbox entries |
+//! | GET | `/admin/v1/outbox/{id}` | one entry |
+//! | POST | `/admin/v1/outbox/{id}/retry` | attempt now, fresh budget |
+//! | DELETE | `/admin/v1/outbox/{id}` | drop an entry |
 //! | GET | `/healthz` `/readyz` `/metrics` | probes and Prometheus (open) |
 //!
 //! public listener (signed tokens only):

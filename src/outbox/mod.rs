@@ -16,7 +16,9 @@
 //! whose worker died is claimed again when the lease runs out: delivery is at-least-once, and
 //! each mail carries a stable `Message-ID` so a repeat is recognisable.
 
+pub mod admin;
 pub mod retry;
+pub mod smtp;
 pub mod transport;
 pub mod worker;
 

@@ -1,5 +1,5 @@
 //! Transports: where a rendered message goes. `file` (development default: one `.eml` per
-//! message, written atomically) and `log`. SMTP is the production transport (separate work);
+//! message, written atomically), `log`, and `smtp` (the production transport, [`super::smtp`]);
 //! every transport answers with one [`Outcome`], classified here and nowhere else.
 
 use std::io::Write;
@@ -57,6 +57,8 @@ pub enum Transport {
     },
     /// Logs the envelope only.
     Log,
+    /// An SMTP relay.
+    Smtp(super::smtp::SmtpTransport),
 }
 
 impl Transport {
@@ -74,6 +76,7 @@ impl Transport {
                     },
                 }
             }
+            Transport::Smtp(t) => t.send(mail).await,
             Transport::Log => {
                 tracing::info!(
                     to = %crate::address::mask(&mail.envelope_to),
@@ -90,6 +93,7 @@ impl Transport {
         match self {
             Transport::File { dir } => dir.is_dir(),
             Transport::Log => true,
+            Transport::Smtp(t) => t.has_reached_relay(),
         }
     }
 }

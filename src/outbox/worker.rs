@@ -30,7 +30,12 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// Concurrent deliveries.
     pub concurrency: usize,
+    /// Global pacing toward the relay, messages per second; 0 = unpaced.
+    pub max_per_second: u32,
 }
+
+/// Paces sends toward the relay: workers wait for a cell instead of requests being refused.
+type Pacer = governor::DefaultDirectRateLimiter;
 
 /// A claimed entry, ready to send.
 struct Claimed {
@@ -47,12 +52,17 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sem = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1)));
+    let pacer: Option<Arc<Pacer>> = std::num::NonZeroU32::new(cfg.max_per_second).map(|n| {
+        Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+            n,
+        )))
+    });
     loop {
         if *shutdown.borrow() {
             break;
         }
         let notified = wake.notified();
-        let did = match pass(&service, &transport, &cfg, &sem).await {
+        let did = match pass(&service, &transport, &cfg, &sem, pacer.as_ref()).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "outbox pass failed");
@@ -68,8 +78,11 @@ pub async fn run(
             _ = shutdown.changed() => {}
         }
     }
-    // Let in-flight deliveries finish (they hold permits).
+    // Let in-flight deliveries finish (they hold permits), then say goodbye to the relay.
     let _ = sem.acquire_many(cfg.concurrency.max(1) as u32).await;
+    if let Transport::Smtp(t) = &transport {
+        t.close_idle().await;
+    }
 }
 
 /// One pass: claims what is due and delivers it. Returns how many were claimed.
@@ -78,6 +91,7 @@ async fn pass(
     transport: &Transport,
     cfg: &WorkerConfig,
     sem: &Arc<tokio::sync::Semaphore>,
+    pacer: Option<&Arc<Pacer>>,
 ) -> Result<usize, Error> {
     let now = service.now();
     let ids = service
@@ -139,7 +153,11 @@ async fn pass(
         let service = service.clone();
         let transport = transport.clone();
         let retry = cfg.retry;
+        let pacer = pacer.cloned();
         tokio::spawn(async move {
+            if let Some(p) = pacer {
+                p.until_ready().await;
+            }
             deliver(&service, &transport, retry, c).await;
             drop(permit);
         });

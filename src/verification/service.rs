@@ -312,6 +312,11 @@ impl Service {
         self.0.clock.now()
     }
 
+    /// Wakes the mail worker (new or rescheduled entries).
+    pub fn wake_mail(&self) {
+        self.0.mail_ready.notify_waiters();
+    }
+
     /// The store.
     pub fn store(&self) -> &Store {
         &self.0.store

@@ -5,7 +5,9 @@ mod support;
 
 mod bad_input;
 mod binary;
+mod delivery;
 mod dns;
 mod http_limits;
 mod ratelimit;
+mod smtp;
 mod verify_flow;

@@ -35,8 +35,16 @@ pub struct TestApp {
     pub public: String,
 }
 
-/// The base test configuration; `extra` is appended TOML.
+/// The base test configuration; `extra` is appended TOML, except lines starting with `shop.`,
+/// which go into the `shop` app's table (`shop.callback_url = "…"`).
 pub fn config_toml(data_dir: &std::path::Path, signing: &[&str], extra: &str) -> String {
+    let shop: Vec<&str> = extra
+        .lines()
+        .filter_map(|l| l.strip_prefix("shop."))
+        .collect();
+    let extra: Vec<&str> = extra.lines().filter(|l| !l.starts_with("shop.")).collect();
+    let shop = shop.join("\n");
+    let extra = extra.join("\n");
     let keys: Vec<String> = signing.iter().map(|k| format!("{k:?}")).collect();
     format!(
         r#"
@@ -55,6 +63,7 @@ id = "shop"
 api_keys = ["{KEY}"]
 redirect_prefixes = ["{REDIRECT}"]
 from = "Shop <no-reply@shop.example.com>"
+{shop}
 [[apps]]
 id = "other"
 api_keys = ["{OTHER_KEY}"]

@@ -3,4 +3,5 @@
 pub mod app;
 pub mod client;
 pub mod fake_dns;
+pub mod fake_smtp;
 pub mod mail;

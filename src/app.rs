@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::address::dns::{DnsMetrics, DomainChecker};
 use crate::apps::{ApiKey, Apps};
+use crate::callbacks::{CallbackSender, Signer, WebhookSecret};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{AppConfig, Config, Secret, Transport as TransportKind};
 use crate::http::api::{ApiState, Readiness};
@@ -21,7 +22,7 @@ use crate::http::{Listener, Server};
 use crate::metrics::Metrics;
 use crate::outbox::smtp::{SmtpMetrics, SmtpTransport};
 use crate::outbox::transport::Transport;
-use crate::outbox::worker::{self, WorkerConfig};
+use crate::outbox::worker::{self, CallbackLane, Deliverer, WorkerConfig};
 use crate::ratelimit::{RateLimitMetrics, RateLimiter};
 use crate::store::Store;
 use crate::templates::Templates;
@@ -217,6 +218,40 @@ pub struct Prepared {
     pub created_key: Option<String>,
 }
 
+/// The callback lane, when any app has a callback URL.
+fn callback_lane(cfg: &Config) -> Result<Option<CallbackLane>, Error> {
+    let mut signers = std::collections::HashMap::new();
+    for app in cfg.apps.iter().filter(|a| a.callback_url.is_some()) {
+        let secrets = app
+            .signing_secrets()
+            .iter()
+            .map(|s| WebhookSecret::parse(s.expose()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Setup(format!("apps {}: webhook secret: {e}", app.id)))?;
+        let signer =
+            Signer::try_new(secrets).map_err(|e| Error::Setup(format!("apps {}: {e}", app.id)))?;
+        signers.insert(app.id.clone(), signer);
+    }
+    if signers.is_empty() {
+        return Ok(None);
+    }
+    let sender = match CallbackSender::new(&cfg.callbacks) {
+        Ok(s) => s,
+        Err(e) => {
+            // No system CA store: http callbacks still work; https ones fail (and retry) until
+            // the operator installs ca-certificates.
+            tracing::warn!(error = %e, "callbacks: no usable system CA certificates; https callbacks will fail");
+            CallbackSender::with_root_certificates(&cfg.callbacks, rustls::RootCertStore::empty())
+                .map_err(|e| Error::Setup(format!("callbacks: {e}")))?
+        }
+    };
+    Ok(Some(CallbackLane {
+        sender,
+        signers,
+        horizon: cfg.callbacks.horizon(),
+    }))
+}
+
 /// Builds and starts the daemon.
 ///
 /// # Errors
@@ -301,6 +336,7 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         let service = service.clone();
         let ready = ready.clone();
         let worker_transport = transport.clone();
+        let mail_ready = mail_ready.clone();
         let wcfg = WorkerConfig {
             lease: Duration::from_secs(cfg.delivery.lease_seconds),
             retry: cfg.delivery.retry_policy(),
@@ -310,11 +346,43 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         let rx = bg_rx.clone();
         background.push(tokio::spawn(async move {
             ready.worker_running.store(true, Ordering::Relaxed);
-            worker::run(service, worker_transport, wcfg, mail_ready, rx).await;
+            worker::run(
+                service,
+                Deliverer::Mail(worker_transport),
+                wcfg,
+                mail_ready,
+                rx,
+            )
+            .await;
             ready.worker_running.store(false, Ordering::Relaxed);
         }));
     }
     background.push(limiter.spawn_cleanup(bg_rx.clone()));
+    if let Some(lane) = callback_lane(&cfg)? {
+        let service = service.clone();
+        let wcfg = WorkerConfig {
+            lease: Duration::from_secs(cfg.delivery.lease_seconds).max(cfg.callbacks.timeout() * 2),
+            retry: crate::outbox::retry::RetryPolicy {
+                max_attempts: u32::MAX,
+                ..cfg.delivery.retry_policy()
+            },
+            concurrency: cfg.delivery.workers,
+            max_per_second: 0,
+        };
+        let rx = bg_rx.clone();
+        // One notify wakes both lanes: whatever wrote an entry wakes them.
+        let wake = mail_ready.clone();
+        background.push(tokio::spawn(async move {
+            worker::run(
+                service,
+                Deliverer::Callbacks(Arc::new(lane)),
+                wcfg,
+                wake,
+                rx,
+            )
+            .await;
+        }));
+    }
     if let Transport::Smtp(t) = &transport
         && !ready.transport_seen.load(Ordering::Relaxed)
     {

@@ -133,6 +133,8 @@ pub struct Config {
     pub log: Log,
     /// Rate limits (an app may override them in its own `limits` table).
     pub limits: crate::ratelimit::LimitsConfig,
+    /// Callback delivery.
+    pub callbacks: crate::callbacks::CallbackConfig,
     /// Tenants sharing this daemon.
     pub apps: Vec<AppConfig>,
 }
@@ -153,6 +155,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             log: Log::default(),
             limits: crate::ratelimit::LimitsConfig::default(),
+            callbacks: crate::callbacks::CallbackConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -493,6 +496,11 @@ pub struct AppConfig {
     pub callback_url: Option<String>,
     /// Standard Webhooks secret, `whsec_BASE64`. Default none.
     pub webhook_secret: Option<Secret<String>>,
+    /// More secrets that also sign every callback (rotation: add the new one, let the app
+    /// accept it, then remove the old one). Default none.
+    pub webhook_secrets: Vec<Secret<String>>,
+    /// Also call back `verification.sent` when the mail is handed over. Default false.
+    pub callback_sent_event: bool,
     /// File holding the webhook secret. Default none.
     pub webhook_secret_file: Option<PathBuf>,
     /// Allowed `redirect_url` prefixes (absolute http(s) URLs). Default none: no redirects.
@@ -501,6 +509,17 @@ pub struct AppConfig {
     pub from: Option<String>,
     /// This app's rate limits, replacing the `[limits]` entries it names. Default none.
     pub limits: Option<crate::ratelimit::LimitsOverride>,
+}
+
+impl AppConfig {
+    /// Every webhook secret that signs this app's callbacks, `webhook_secret` first.
+    pub fn signing_secrets(&self) -> Vec<Secret<String>> {
+        self.webhook_secret
+            .iter()
+            .chain(&self.webhook_secrets)
+            .cloned()
+            .collect()
+    }
 }
 
 /// Where the configuration comes from.
@@ -659,6 +678,9 @@ impl Config {
         if self.http.max_concurrency == 0 {
             return Err(invalid("http.max_concurrency", "must be at least 1"));
         }
+        self.callbacks
+            .validate()
+            .map_err(|e| invalid(format!("callbacks.{}", e.field), e.problem))?;
         if self.store.max_group == 0 {
             return Err(invalid("store.max_group", "must be at least 1"));
         }

@@ -4,6 +4,7 @@
 //!
 //! - [`cli`]: the command line (`serve`, `config check`, `keys generate`).
 //! - [`config`]: configuration tree, loading (defaults → TOML → `VERIGATE_*`), [`config::Secret`].
+//! - [`callbacks`]: Standard Webhooks signing and the callback HTTP client.
 //! - [`app`]: assembles and starts the daemon; graceful shutdown.
 //! - [`http`]: the two listeners, layers, routers, the JSON error shape.
 //! - [`verification`]: the record and state machine; tokens, codes; the service over the store.
@@ -21,6 +22,7 @@
 pub mod address;
 pub mod app;
 pub mod apps;
+pub mod callbacks;
 pub mod cli;
 pub mod clock;
 pub mod config;

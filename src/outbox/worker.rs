@@ -1,7 +1,9 @@
-//! The mail worker: claims due entries of the email lane with a lease, renders and hands them to
-//! the transport, and records the outcome. Several workers may run; claims go through the
-//! single store writer, so one entry is never claimed twice within a lease.
+//! The outbox workers, one loop per lane: claim due entries with a lease, deliver them (mail
+//! through the transport, callbacks through the signed HTTP sender), and record the outcome.
+//! Claims go through the single store writer, so one entry is never claimed twice within a
+//! lease; an entry whose worker died is claimed again when its lease runs out.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,11 +12,12 @@ use tokio::sync::{Notify, watch};
 use super::retry::{RetryPolicy, unit_random};
 use super::transport::{Outcome, OutgoingMail, Transport};
 use super::{Lane, OutboxEntry, Payload, State};
+use crate::callbacks::{CallbackSender, Signer, give_up};
 use crate::clock::UnixTime;
 use crate::mail::{Composed, parse_mailbox};
 use crate::templates::MailContext;
 use crate::verification::service::{Error, Service};
-use crate::verification::{DeliveryStatus, Status, Verification};
+use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
 
 /// Entries one worker pass looks at.
 const CLAIM_BATCH: usize = 64;
@@ -37,16 +40,44 @@ pub struct WorkerConfig {
 /// Paces sends toward the relay: workers wait for a cell instead of requests being refused.
 type Pacer = governor::DefaultDirectRateLimiter;
 
-/// A claimed entry, ready to send.
-struct Claimed {
-    entry: OutboxEntry,
-    verification: Verification,
+/// How callbacks are delivered.
+pub struct CallbackLane {
+    /// The HTTP client.
+    pub sender: CallbackSender,
+    /// Signers per app id (apps with a callback URL).
+    pub signers: HashMap<String, Signer>,
+    /// Retries stop this long after the entry was created.
+    pub horizon: Duration,
 }
 
-/// Runs the email lane until `shutdown` turns true.
+/// What a lane delivers with.
+#[derive(Clone)]
+pub enum Deliverer {
+    /// Mail through a transport.
+    Mail(Transport),
+    /// Callbacks to the apps.
+    Callbacks(Arc<CallbackLane>),
+}
+
+impl Deliverer {
+    fn lane(&self) -> Lane {
+        match self {
+            Deliverer::Mail(_) => Lane::Email,
+            Deliverer::Callbacks(_) => Lane::Callback,
+        }
+    }
+}
+
+/// A claimed entry, ready to deliver.
+struct Claimed {
+    entry: OutboxEntry,
+    verification: Option<Verification>,
+}
+
+/// Runs one lane until `shutdown` turns true.
 pub async fn run(
     service: Service,
-    transport: Transport,
+    transport: Deliverer,
     cfg: WorkerConfig,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
@@ -80,7 +111,7 @@ pub async fn run(
     }
     // Let in-flight deliveries finish (they hold permits), then say goodbye to the relay.
     let _ = sem.acquire_many(cfg.concurrency.max(1) as u32).await;
-    if let Transport::Smtp(t) = &transport {
+    if let Deliverer::Mail(Transport::Smtp(t)) = &transport {
         t.close_idle().await;
     }
 }
@@ -88,15 +119,16 @@ pub async fn run(
 /// One pass: claims what is due and delivers it. Returns how many were claimed.
 async fn pass(
     service: &Service,
-    transport: &Transport,
+    transport: &Deliverer,
     cfg: &WorkerConfig,
     sem: &Arc<tokio::sync::Semaphore>,
     pacer: Option<&Arc<Pacer>>,
 ) -> Result<usize, Error> {
     let now = service.now();
+    let lane = transport.lane();
     let ids = service
         .store()
-        .read(move |r| r.due(Lane::Email, now, CLAIM_BATCH))
+        .read(move |r| r.due(lane, now, CLAIM_BATCH))
         .await?;
     if ids.is_empty() {
         return Ok(0);
@@ -115,20 +147,10 @@ async fn pass(
                     continue;
                 }
                 let v = tx.verification(e.verification)?;
-                let open = v.as_ref().map(|v| v.status_at(now));
-                match (v, open) {
-                    (Some(mut v), Some(Status::Pending)) => {
-                        e.attempts += 1;
-                        e.due_at = now.plus(lease);
-                        tx.put_outbox(&e)?;
-                        v.delivery.attempts += 1;
-                        tx.put_verification(&v)?;
-                        out.push(Claimed {
-                            entry: e,
-                            verification: v,
-                        });
-                    }
-                    (_, status) => {
+                if lane == Lane::Email {
+                    // Mail is only worth sending while the verification is open.
+                    let status = v.as_ref().map(|v| v.status_at(now));
+                    if status != Some(Status::Pending) {
                         e.state = State::Dropped;
                         e.last_error = Some(match status {
                             Some(s) => format!("not sent: the verification is {}", s.as_str()),
@@ -139,8 +161,23 @@ async fn pass(
                             .outbox_attempts
                             .with_label_values(&["email", "dropped"])
                             .inc();
+                        continue;
                     }
                 }
+                e.attempts += 1;
+                e.due_at = now.plus(lease);
+                tx.put_outbox(&e)?;
+                let mut v = v;
+                if lane == Lane::Email
+                    && let Some(v) = v.as_mut()
+                {
+                    v.delivery.attempts += 1;
+                    tx.put_verification(v)?;
+                }
+                out.push(Claimed {
+                    entry: e,
+                    verification: v,
+                });
             }
             Ok(out)
         })
@@ -153,12 +190,19 @@ async fn pass(
         let service = service.clone();
         let transport = transport.clone();
         let retry = cfg.retry;
-        let pacer = pacer.cloned();
+        let pacer = if lane == Lane::Email {
+            pacer.cloned()
+        } else {
+            None
+        };
         tokio::spawn(async move {
             if let Some(p) = pacer {
                 p.until_ready().await;
             }
-            deliver(&service, &transport, retry, c).await;
+            match &transport {
+                Deliverer::Mail(t) => deliver(&service, t, retry, c).await,
+                Deliverer::Callbacks(cb) => deliver_callback(&service, cb, retry, c).await,
+            }
             drop(permit);
         });
     }
@@ -221,9 +265,16 @@ fn compose(
 
 async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c: Claimed) {
     let now = service.now();
-    let outcome = match compose(service, &c.entry, &c.verification, now) {
-        Ok(mail) => transport.send(mail).await,
-        Err(reason) => Outcome::Reject { reason },
+    let outcome = match c
+        .verification
+        .as_ref()
+        .map(|v| compose(service, &c.entry, v, now))
+    {
+        Some(Ok(mail)) => transport.send(mail).await,
+        Some(Err(reason)) => Outcome::Reject { reason },
+        None => Outcome::Reject {
+            reason: "the verification no longer exists".into(),
+        },
     };
     let done_at = service.now();
     let id = c.entry.id;
@@ -251,6 +302,13 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
                         v.delivery.sent_at = Some(done_at);
                         v.delivery.last_error = None;
                         tx.put_verification(v)?;
+                        if svc
+                            .apps()
+                            .get(&v.app)
+                            .is_some_and(|a| a.config.callback_sent_event)
+                        {
+                            svc.callback(tx, v, "verification.sent", done_at)?;
+                        }
                     }
                 }
                 Outcome::Retry { reason, after } => {
@@ -304,12 +362,124 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
                     .with_label_values(&["email"])
                     .observe(created_at.until(done_at).as_secs_f64());
             }
-            if label == "failed" {
-                m.event("delivery_failed", c.verification.method);
+            if label == "failed"
+                && let Some(v) = &c.verification
+            {
+                m.event("delivery_failed", v.method);
             }
         }
         Err(e) => {
             tracing::error!(error = %e, entry = %id, "cannot record delivery outcome; the lease will expire and it will be retried")
+        }
+    }
+}
+
+/// One callback attempt and its outcome: 2xx delivered; 410 and a missing URL or secret fail
+/// for good; everything else is retried with backoff (honouring `Retry-After`) until the
+/// horizon has passed since the event.
+async fn deliver_callback(service: &Service, lane: &CallbackLane, retry: RetryPolicy, c: Claimed) {
+    let now = service.now();
+    let outcome = match &c.entry.payload {
+        Payload::Callback(job) => {
+            let app = service.apps().get(&c.entry.app);
+            let url = app.as_ref().and_then(|a| a.config.callback_url.clone());
+            match (url, lane.signers.get(&c.entry.app)) {
+                (Some(url), Some(signer)) => match serde_json::to_vec(&job.body) {
+                    Ok(body) => {
+                        lane.sender
+                            .send(&url, &job.webhook_id, &body, signer, now.as_secs())
+                            .await
+                    }
+                    Err(e) => Outcome::Reject {
+                        reason: format!("cannot encode the event: {e}"),
+                    },
+                },
+                _ => Outcome::Reject {
+                    reason: "the app has no callback_url or webhook secret any more".into(),
+                },
+            }
+        }
+        Payload::Email(_) => Outcome::Reject {
+            reason: "not a callback entry".into(),
+        },
+    };
+    let done_at = service.now();
+    let id = c.entry.id;
+    let horizon = lane.horizon;
+    let label = match &outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Reject { .. } => "failed",
+    };
+    let r = service
+        .store()
+        .write(move |tx| -> Result<&'static str, Error> {
+            let Some(mut e) = tx.outbox(id)? else {
+                return Ok(label);
+            };
+            let event = match &e.payload {
+                Payload::Callback(job) => job.event.clone(),
+                Payload::Email(_) => String::new(),
+            };
+            let mut label = label;
+            let status = match outcome {
+                Outcome::Delivered => {
+                    e.state = State::Delivered;
+                    e.delivered_at = Some(done_at);
+                    e.last_error = None;
+                    DeliveryStatus::Sent
+                }
+                Outcome::Retry { reason, after } => {
+                    let delay = retry.delay(e.attempts, unit_random());
+                    match delay {
+                        Some(d) if !give_up(e.created_at.0, done_at.0, horizon) => {
+                            e.due_at = done_at.plus(after.map_or(d, |a| a.max(d)));
+                            e.last_error = Some(reason);
+                            DeliveryStatus::Retrying
+                        }
+                        _ => {
+                            e.state = State::Failed;
+                            e.last_error =
+                                Some(format!("{reason}; giving up after {} attempts", e.attempts));
+                            label = "failed";
+                            DeliveryStatus::Failed
+                        }
+                    }
+                }
+                Outcome::Reject { reason } => {
+                    e.state = State::Failed;
+                    e.last_error = Some(reason);
+                    DeliveryStatus::Failed
+                }
+            };
+            if let Some(mut v) = tx.verification(e.verification)? {
+                v.callback = Some(CallbackState {
+                    event,
+                    status,
+                    attempts: e.attempts,
+                    last_error: e.last_error.clone(),
+                    updated_at: done_at,
+                });
+                tx.put_verification(&v)?;
+            }
+            tx.put_outbox(&e)?;
+            Ok(label)
+        })
+        .await;
+    match r {
+        Ok(label) => {
+            let m = service.metrics();
+            m.outbox_attempts
+                .with_label_values(&["callback", label])
+                .inc();
+            if label == "delivered" {
+                m.delivery_latency
+                    .with_label_values(&["callback"])
+                    .observe(c.entry.created_at.until(done_at).as_secs_f64());
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, entry = %id, "cannot record callback outcome; the lease will expire and it will be retried")
         }
     }
 }

@@ -127,6 +127,21 @@ pub struct Delivery {
     pub sent_at: Option<UnixTime>,
 }
 
+/// The latest callback's delivery, as shown in `GET`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackState {
+    /// The event, e.g. `verification.verified`.
+    pub event: String,
+    /// Where its delivery stands (`retrying`, `sent` = delivered, `failed`).
+    pub status: DeliveryStatus,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last failure, for people.
+    pub last_error: Option<String>,
+    /// When this was recorded.
+    pub updated_at: UnixTime,
+}
+
 /// The code part of a verification. The code itself is never stored in the clear.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodeState {
@@ -201,6 +216,9 @@ pub struct Verification {
     /// Pre-click fetches of the confirm page.
     #[serde(default)]
     pub prefetches: Vec<Prefetch>,
+    /// The latest callback's delivery.
+    #[serde(default)]
+    pub callback: Option<CallbackState>,
 }
 
 /// Result of checking a code.
@@ -412,6 +430,7 @@ mod tests {
                 sent_at: None,
             },
             prefetches: Vec::new(),
+            callback: None,
         }
     }
 

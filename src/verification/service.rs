@@ -312,7 +312,7 @@ impl Service {
         self.0.clock.now()
     }
 
-    /// Wakes the mail worker (new or rescheduled entries).
+    /// Wakes the outbox workers (new or rescheduled entries in either lane).
     pub fn wake_mail(&self) {
         self.0.mail_ready.notify_waiters();
     }
@@ -482,6 +482,7 @@ impl Service {
                 sent_at: None,
             },
             prefetches: Vec::new(),
+            callback: None,
         };
         let watch_token = self.0.keys.sign(TokenKind::Watch, id, expires_at);
         let body = json!({
@@ -652,7 +653,7 @@ impl Service {
     }
 
     /// Writes the callback entry for `event` if the app has a callback URL.
-    fn callback(
+    pub(crate) fn callback(
         &self,
         tx: &mut Tx<'_>,
         v: &Verification,
@@ -719,6 +720,13 @@ impl Service {
                 "last_error": v.delivery.last_error,
                 "sent_at": v.delivery.sent_at.map(UnixTime::to_rfc3339),
             },
+            "callback": v.callback.as_ref().map(|c| json!({
+                "event": c.event,
+                "status": match c.status { DeliveryStatus::Sent => "delivered", DeliveryStatus::Queued => "queued", DeliveryStatus::Retrying => "retrying", DeliveryStatus::Failed => "failed" },
+                "attempts": c.attempts,
+                "last_error": c.last_error,
+                "updated_at": c.updated_at.to_rfc3339(),
+            })),
             "prefetches": v.prefetches.iter().map(|p| json!({
                 "at": p.at.to_rfc3339(), "method": p.method, "user_agent": p.user_agent,
             })).collect::<Vec<_>>(),
@@ -858,6 +866,7 @@ impl Service {
                 Ok((outcome, v))
             })
             .await?;
+        self.wake_mail();
         let m = &self.0.metrics;
         let result = |r: &str| m.code_checks.with_label_values(&[r]).inc();
         match outcome {
@@ -1086,6 +1095,7 @@ impl Service {
         let Some((v, r)) = r else {
             return Ok(LinkView::Invalid);
         };
+        self.wake_mail();
         match r {
             LinkConfirm::Verified { first: true } => self.0.metrics.event("verified", v.method),
             LinkConfirm::Expired { first: true } => self.0.metrics.event("expired", v.method),
@@ -1135,6 +1145,7 @@ impl Service {
         for m in &expired {
             self.0.metrics.event("expired", *m);
         }
+        self.wake_mail();
         Ok(expired.len())
     }
 

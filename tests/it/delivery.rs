@@ -19,7 +19,8 @@ fn smtp_config(port: u16, extra: &str) -> String {
         "ready_requires_transport = false\n"
     };
     format!(
-        "shop.callback_url = \"http://127.0.0.1:9/hooks\"\n[delivery]\ntransport = \"smtp\"\nretry_base_ms = 50\nretry_cap_seconds = 1\n{ready}{extra}\n[smtp]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nhelo_name = \"verigate.test\"\nconnect_timeout_ms = 400\ncommand_timeout_ms = 400\ndata_timeout_ms = 800\n"
+        "shop.callback_url = \"http://127.0.0.1:9/hooks\"\nshop.webhook_secret = \"{secret}\"\n[delivery]\ntransport = \"smtp\"\nretry_base_ms = 50\nretry_cap_seconds = 1\n{ready}{extra}\n[smtp]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nhelo_name = \"verigate.test\"\nconnect_timeout_ms = 400\ncommand_timeout_ms = 400\ndata_timeout_ms = 800\n",
+        secret = crate::support::app::WEBHOOK_SECRET,
     )
 }
 

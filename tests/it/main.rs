@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod binary;
+mod callbacks;
 mod delivery;
 mod dns;
 mod http_limits;

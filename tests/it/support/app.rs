@@ -19,6 +19,8 @@ pub const KEY: &str = "test-key-shop-0123456789";
 pub const OTHER_KEY: &str = "test-key-other-0123456789";
 /// Links in mail start with this; tests map it to the bound public address.
 pub const PUBLIC_BASE: &str = "http://verify.example.com/base";
+/// A Standard Webhooks secret for tests (32 bytes).
+pub const WEBHOOK_SECRET: &str = "whsec_dGVzdC13ZWJob29rLXNlY3JldC10aGlydHktdHdvIQ==";
 /// Allowed redirect prefix of `shop`.
 pub const REDIRECT: &str = "https://app.example.com/welcome";
 

@@ -5,3 +5,4 @@ pub mod client;
 pub mod fake_dns;
 pub mod fake_smtp;
 pub mod mail;
+pub mod webhook_sink;

@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod binary;
+mod callback_flow;
 mod callbacks;
 mod delivery;
 mod dns;

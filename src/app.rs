@@ -285,12 +285,24 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         RateLimitMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?,
     )
     .map_err(|e| Error::Setup(e.to_string()))?;
-    let dns = if cfg.dns.check_on_create {
-        let dm =
-            DnsMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?;
-        Some(DomainChecker::new(&cfg.dns, dm).map_err(|e| Error::Setup(e.to_string()))?)
-    } else {
-        None
+    let dm = DnsMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?;
+    let dns = match DomainChecker::new(&cfg.dns, dm) {
+        Ok(c) => Some(c),
+        // Without a resolver the daemon still serves; creates fail closed only if checks are on.
+        Err(e) if !cfg.dns.check_on_create => {
+            tracing::warn!(error = %e, "DNS checks unavailable");
+            None
+        }
+        Err(e) => return Err(Error::Setup(e.to_string())),
+    };
+    let disposable = match &cfg.address.disposable_domains_file {
+        Some(path) => Some(
+            crate::address::DisposableDomains::load(path).map_err(data_err(
+                "cannot read address.disposable_domains_file",
+                path,
+            ))?,
+        ),
+        None => None,
     };
     let service = Service::new(Parts {
         store: store.clone(),
@@ -304,6 +316,9 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         mail_ready: mail_ready.clone(),
         default_from: cfg.delivery.from.clone(),
         dns,
+        check_dns_on_create: cfg.dns.check_on_create,
+        address_options: cfg.address.options(),
+        disposable,
         on_dns_failure: cfg.dns.on_failure,
         limiter: limiter.clone(),
     });

@@ -1,4 +1,4 @@
-//! The command line: `serve`, `config check`, `keys generate`, `probe`, `outbox`. Parses arguments, loads the
+//! The command line: `serve`, `validate`, `config check`, `keys generate`, `probe`, `outbox`. Parses arguments, loads the
 //! configuration and runs the chosen command; `main.rs` only calls [`run`].
 
 use std::path::PathBuf;
@@ -39,6 +39,25 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// Check an address: syntax and normalization (like Python's email-validator), a typo
+    /// suggestion, and DNS deliverability.
+    Validate {
+        /// The address (omit with --jsonl).
+        address: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Read `{"input", "options"}` JSON lines on stdin and write one answer line each
+        /// (`{"valid", "normalized", "ascii_email", "smtputf8", "reason"}`); syntax only.
+        #[arg(long, conflicts_with_all = ["address", "json"])]
+        jsonl: bool,
+        /// Skip the DNS check.
+        #[arg(long)]
+        no_dns: bool,
+        /// Configuration file (address options and [dns] settings).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Exit 0 when the local daemon answers /readyz with 200 (container health checks).
     Probe {
@@ -159,6 +178,19 @@ fn init_tracing(cfg: &Config) {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => serve(config).await,
+        Command::Validate {
+            address,
+            json,
+            jsonl,
+            no_dns,
+            config,
+        } => {
+            if jsonl {
+                return validate_jsonl();
+            }
+            let address = address.context("give an address, or --jsonl to read JSON lines")?;
+            validate(&address, json, no_dns, config).await
+        }
         Command::Outbox {
             url,
             key,
@@ -392,4 +424,121 @@ fn outbox(
 
 fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// One `--jsonl` request line.
+#[derive(serde::Deserialize)]
+struct JsonlRequest {
+    input: String,
+    #[serde(default)]
+    options: crate::address::Options,
+}
+
+/// The corpus protocol of `shared/corpus/check_corpus.py`.
+fn validate_jsonl() -> Result<()> {
+    use std::io::{BufRead, Write};
+    let stdin = std::io::stdin();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let answer = match serde_json::from_str::<JsonlRequest>(&line) {
+            Err(e) => {
+                serde_json::json!({"valid": false, "normalized": null, "ascii_email": null, "smtputf8": null, "reason": format!("unusable request: {e}")})
+            }
+            Ok(req) => match crate::address::parse(&req.input, &req.options) {
+                Ok(a) => {
+                    serde_json::json!({"valid": true, "normalized": a.normalized, "ascii_email": a.ascii_email, "smtputf8": a.smtputf8, "reason": null})
+                }
+                Err(e) => {
+                    serde_json::json!({"valid": false, "normalized": null, "ascii_email": null, "smtputf8": null, "reason": e.to_string()})
+                }
+            },
+        };
+        writeln!(out, "{answer}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn validate(
+    address: &str,
+    as_json: bool,
+    no_dns: bool,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    use crate::address::dns::{DnsMetrics, DomainChecker};
+    let cfg = Config::load(&Sources::from_cli(config)).context("configuration is not valid")?;
+    let opts = cfg.address.options();
+    let parsed = crate::address::parse(address, &opts);
+    let verdict = match &parsed {
+        Ok(a) if !no_dns => {
+            let registry = prometheus::Registry::new();
+            let checker = DomainChecker::new(&cfg.dns, DnsMetrics::register(&registry)?)?;
+            Some(checker.check(&a.ascii_domain).await)
+        }
+        _ => None,
+    };
+    let suggestion = match &parsed {
+        Ok(a) => crate::address::suggest::suggest_domain(&a.ascii_domain)
+            .map(|d| format!("{}@{d}", a.local_part)),
+        Err(_) => address.rsplit_once('@').and_then(|(l, d)| {
+            crate::address::suggest::suggest_domain(&d.trim().to_ascii_lowercase())
+                .map(|s| format!("{}@{s}", l.trim()))
+        }),
+    };
+    let value = match &parsed {
+        Ok(a) => serde_json::json!({
+            "valid": true,
+            "normalized": a.normalized,
+            "ascii_email": a.ascii_email,
+            "smtputf8": a.smtputf8,
+            "local_part": a.local_part,
+            "domain": a.domain,
+            "deliverability": verdict.as_ref().map(crate::verification::service::deliverability_json),
+            "suggestion": suggestion,
+        }),
+        Err(e) => {
+            serde_json::json!({"valid": false, "reason": e.to_string(), "suggestion": suggestion})
+        }
+    };
+    let deliverable = !matches!(
+        verdict,
+        Some(crate::address::dns::Deliverability::Undeliverable { .. })
+    );
+    if as_json {
+        println!("{value}");
+    } else {
+        match &parsed {
+            Ok(a) => {
+                println!("valid: {}", a.normalized);
+                if let Some(ascii) = &a.ascii_email
+                    && ascii != &a.normalized
+                {
+                    println!("ascii form: {ascii}");
+                }
+                match &verdict {
+                    Some(crate::address::dns::Deliverability::Deliverable { mx, .. }) => {
+                        println!("domain accepts mail: {}", mx.join(", "));
+                    }
+                    Some(crate::address::dns::Deliverability::Undeliverable { reason }) => {
+                        println!("domain does not accept mail: {reason}")
+                    }
+                    Some(crate::address::dns::Deliverability::Unknown { reason }) => {
+                        println!("DNS could not tell: {reason}")
+                    }
+                    None => {}
+                }
+            }
+            Err(e) => println!("not valid: {e}"),
+        }
+        if let Some(s) = &suggestion {
+            println!("did you mean {s}?");
+        }
+    }
+    if parsed.is_ok() && deliverable {
+        Ok(())
+    } else {
+        // Exit status 1 for scripts; the answer is already printed.
+        std::process::exit(1)
+    }
 }

@@ -121,6 +121,8 @@ pub struct Config {
     pub smtp: Smtp,
     /// The `file` transport.
     pub file: FileTransport,
+    /// Accepted address forms and the disposable-domain policy.
+    pub address: crate::address::AddressConfig,
     /// DNS deliverability checks.
     pub dns: crate::address::dns::DnsConfig,
     /// Verification policy: codes, lifetimes, attempts.
@@ -149,6 +151,7 @@ impl Default for Config {
             delivery: Delivery::default(),
             smtp: Smtp::default(),
             file: FileTransport::default(),
+            address: crate::address::AddressConfig::default(),
             dns: crate::address::dns::DnsConfig::default(),
             verification: VerificationPolicy::default(),
             http: Http::default(),

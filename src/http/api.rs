@@ -119,6 +119,16 @@ async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
             },
         ),
         (["v1", "verifications", _, "resend"], _) => ("resend", Err(method_not_allowed("POST"))),
+        (["v1", "addresses", "validate"], &Method::POST) => (
+            "validate_address",
+            match authed(&state, &req) {
+                Ok(_) => validate_address(&state, req).await,
+                Err(e) => Err(e),
+            },
+        ),
+        (["v1", "addresses", "validate"], _) => {
+            ("validate_address", Err(method_not_allowed("POST")))
+        }
         (["admin", "v1", "outbox"], &Method::GET) => (
             "admin_outbox_list",
             match authed(&state, &req) {
@@ -243,6 +253,32 @@ async fn create(state: &ApiState, app: Arc<App>, req: Request<Incoming>) -> Resu
     let reply = state.service.create(&app, parsed, idem).await?;
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::ACCEPTED);
     Ok(json_text(status, reply.body))
+}
+
+/// `POST /v1/addresses/validate` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidateRequest {
+    email: String,
+    #[serde(default = "default_true")]
+    check_dns: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+async fn validate_address(state: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    require_json(&req)?;
+    let body = read_body(req.into_body()).await?;
+    let parsed: ValidateRequest = parse_json(&body)?;
+    Ok(json(
+        StatusCode::OK,
+        &state
+            .service
+            .validate_address(&parsed.email, parsed.check_dns)
+            .await,
+    ))
 }
 
 async fn check(state: &ApiState, app: Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {

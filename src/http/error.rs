@@ -173,6 +173,12 @@ impl From<ServiceError> for ApiError {
             )
             .with_field("email")
             .with("reason", Value::from(reason)),
+            E::DisposableDomain => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "disposable_domain",
+                "Addresses at disposable email domains are not accepted. Use a permanent address.",
+            )
+            .with_field("email"),
             E::RateLimited {
                 limit,
                 retry_after_secs,

@@ -9,6 +9,7 @@
 //! | GET | `/v1/verifications/{id}` | read one |
 //! | POST | `/v1/verifications/{id}/resend` | queue the mail again |
 //! | DELETE | `/v1/verifications/{id}` | cancel |
+//! | POST | `/v1/addresses/validate` | syntax, suggestion, DNS verdict |
 //! | GET | `/admin/v1/outbox?state=&after=&limit=` | list the app's outbox entries |
 //! | GET | `/admin/v1/outbox/{id}` | one entry |
 //! | POST | `/admin/v1/outbox/{id}/retry` | attempt now, fresh budget |

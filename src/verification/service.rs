@@ -92,6 +92,9 @@ pub enum Error {
         /// For a person.
         message: String,
     },
+    /// The domain is on the disposable-domain list.
+    #[error("addresses at disposable email domains are not accepted")]
+    DisposableDomain,
     /// A rate limit refused the request.
     #[error("too many requests ({limit}); retry in {retry_after_secs} s")]
     RateLimited {
@@ -196,8 +199,11 @@ struct Inner {
     mail_ready: Arc<Notify>,
     default_from: String,
     dns: Option<DomainChecker>,
+    check_dns_on_create: bool,
     on_dns_failure: OnFailure,
     limiter: RateLimiter,
+    address_options: address::Options,
+    disposable: Option<address::DisposableDomains>,
 }
 
 /// Everything the service is built from.
@@ -222,8 +228,14 @@ pub struct Parts {
     pub mail_ready: Arc<Notify>,
     /// `delivery.from`.
     pub default_from: String,
-    /// The deliverability checker, when `dns.check_on_create` is on.
+    /// The deliverability checker (None when it could not be built).
     pub dns: Option<DomainChecker>,
+    /// `dns.check_on_create`.
+    pub check_dns_on_create: bool,
+    /// Parser options from `[address]`.
+    pub address_options: address::Options,
+    /// The disposable-domain list, when configured.
+    pub disposable: Option<address::DisposableDomains>,
     /// `dns.on_failure`.
     pub on_dns_failure: OnFailure,
     /// Rate limits.
@@ -269,6 +281,21 @@ pub fn body_hash(body: &[u8]) -> String {
     crate::apps::encode_hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref())
 }
 
+/// The `deliverability` object of the validate answer.
+pub fn deliverability_json(d: &Deliverability) -> Value {
+    match d {
+        Deliverability::Deliverable { mx, implicit } => json!({
+            "status": "deliverable", "mx": mx, "implicit_mx": implicit, "reason": null,
+        }),
+        Deliverability::Undeliverable { reason } => json!({
+            "status": "undeliverable", "mx": [], "reason": reason.to_string(), "code": reason.code(),
+        }),
+        Deliverability::Unknown { reason } => json!({
+            "status": "unknown", "mx": [], "reason": reason,
+        }),
+    }
+}
+
 fn parse_client_ip(ip: Option<&str>) -> Result<Option<std::net::IpAddr>> {
     ip.map(|s| {
         s.parse()
@@ -304,6 +331,9 @@ impl Service {
             dns: p.dns,
             on_dns_failure: p.on_dns_failure,
             limiter: p.limiter,
+            check_dns_on_create: p.check_dns_on_create,
+            address_options: p.address_options,
+            disposable: p.disposable,
         }))
     }
 
@@ -414,8 +444,16 @@ impl Service {
             None if method.has_code() => policy.code_ttl_seconds,
             None => policy.link_ttl_seconds,
         };
-        let addr = address::parse(&req.email, &address::Options::default())
+        let addr = address::parse(&req.email, &self.0.address_options)
             .map_err(|e| Error::InvalidEmail(e.to_string()))?;
+        if self
+            .0
+            .disposable
+            .as_ref()
+            .is_some_and(|d| d.contains(&addr.ascii_domain))
+        {
+            return Err(Error::DisposableDomain);
+        }
         let email_key = addr.normalized.to_lowercase();
         // A replay of an Idempotency-Key answers without spending rate-limit cells or DNS
         // lookups; the writer checks again for races.
@@ -430,7 +468,9 @@ impl Service {
                 .limiter
                 .check_create(&app.id, &email_key, &addr.ascii_domain, client_ip),
         )?;
-        self.check_domain(&addr.ascii_domain).await?;
+        if self.0.check_dns_on_create {
+            self.check_domain(&addr.ascii_domain).await?;
+        }
         let locale =
             templates::pick_locale(req.locale.as_deref(), &policy.default_locale).to_string();
 
@@ -588,6 +628,45 @@ impl Service {
             }
             _ => Ok(None),
         }
+    }
+
+    /// `POST /v1/addresses/validate` (DESIGN §3.4): syntax, normalization, typo suggestion,
+    /// disposable flag and, when asked, DNS deliverability. Invalid syntax is an answer
+    /// (`"valid": false`), not an error.
+    pub async fn validate_address(&self, email: &str, check_dns: bool) -> Value {
+        let suggest = |local: &str, domain: &str| {
+            address::suggest::suggest_domain(domain).map(|d| format!("{local}@{d}"))
+        };
+        let addr = match address::parse(email, &self.0.address_options) {
+            Ok(a) => a,
+            Err(e) => {
+                let suggestion = email
+                    .rsplit_once('@')
+                    .and_then(|(l, d)| suggest(l.trim(), &d.trim().to_ascii_lowercase()));
+                return json!({"valid": false, "reason": e.to_string(), "suggestion": suggestion});
+            }
+        };
+        let deliverability = if check_dns {
+            Some(match &self.0.dns {
+                Some(checker) => deliverability_json(&checker.check(&addr.ascii_domain).await),
+                None => {
+                    json!({"status": "unknown", "mx": [], "reason": "DNS checks are not available on this daemon"})
+                }
+            })
+        } else {
+            None
+        };
+        json!({
+            "valid": true,
+            "normalized": addr.normalized,
+            "ascii_email": addr.ascii_email,
+            "smtputf8": addr.smtputf8,
+            "local_part": addr.local_part,
+            "domain": addr.domain,
+            "disposable": self.0.disposable.as_ref().is_some_and(|d| d.contains(&addr.ascii_domain)),
+            "deliverability": deliverability,
+            "suggestion": suggest(&addr.local_part, &addr.ascii_domain),
+        })
     }
 
     /// Applies the DNS deliverability policy to a domain, when checks are on.
@@ -758,7 +837,7 @@ impl Service {
             (None, Some(email)) => {
                 let purpose = purpose.unwrap_or("signup").to_string();
                 check_purpose(&purpose)?;
-                let addr = address::parse(email, &address::Options::default())
+                let addr = address::parse(email, &self.0.address_options)
                     .map_err(|e| Error::InvalidEmail(e.to_string()))?;
                 let key = addr.normalized.to_lowercase();
                 let app_id = app.id.clone();

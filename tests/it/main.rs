@@ -3,6 +3,7 @@
 
 mod support;
 
+mod address;
 mod bad_input;
 mod binary;
 mod callback_flow;

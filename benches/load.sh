@@ -389,7 +389,11 @@ echo "  - create: every 2xx is 202; non-2xx/3xx counts anything else (503 overlo
 echo "  - check: verigate answers 400 invalid_code (wrong code, attempts left) by design, so its"
 echo "    non-2xx/3xx count equals its request count; any status other than 400 is an anomaly."
 echo "    The baseline answers 200. A rare 200 from verigate means '000000' was the real code."
-echo "  - raw wrk output and the daemon log: rerun with KEEP_TMP=1 (kept in $TMP)."
+if [[ "$KEEP_TMP" == 1 ]]; then
+    echo "  - raw wrk output, configs, daemon log and data dirs: $TMP"
+else
+    echo "  - raw wrk output, configs, daemon log and data dirs: rerun with KEEP_TMP=1 to keep them."
+fi
 echo
 echo "verigate /metrics excerpt at the end of the create phase (its own daemon and data dir):"
 echo "$METRICS_CREATE"

@@ -426,6 +426,22 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Writes a verification with a fresh id (no earlier version to unindex, so no read).
+    ///
+    /// # Errors
+    /// Encode failure.
+    pub fn insert_verification(&mut self, v: &Verification) -> Result<()> {
+        if v.status == crate::verification::Status::Pending {
+            self.put_raw(Ks::Expiry, keys::expiry(v.expires_at, v.id), Vec::new());
+        }
+        self.put_raw(
+            Ks::Verifications,
+            keys::verification(v.id),
+            codec::encode(v)?,
+        );
+        Ok(())
+    }
+
     /// The verification in force for (app, purpose, email).
     ///
     /// # Errors

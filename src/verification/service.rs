@@ -569,7 +569,7 @@ impl Service {
                         tx.put_verification(&old)?;
                     }
                 }
-                tx.put_verification(&v)?;
+                tx.insert_verification(&v)?;
                 tx.set_current(&v.app, &v.purpose, &v.email_key, v.id);
                 tx.put_outbox(&mail)?;
                 if let Some((key, hash)) = &idempotency {
@@ -879,30 +879,12 @@ impl Service {
             }
             Err(e) => return Err(e),
         };
-        // Limits apply once the verification is known to exist for this app, so made-up ids
-        // cannot fill the limiter's tables.
-        match self.0.store.read(move |r| r.verification(id)).await? {
-            Some(v) if v.app == app.id => {}
-            _ => {
-                self.0
-                    .metrics
-                    .code_checks
-                    .with_label_values(&["not_found"])
-                    .inc();
-                return Err(Error::NotFound);
-            }
-        }
-        limited(
-            self.0
-                .limiter
-                .check_code(&app.id, &id.to_string(), client_ip),
-        )?;
         let now = self.now();
         // Junk that cannot be a code is still an attempt; it just never matches.
         let code = super::code::normalize(&req.code, self.0.policy.code_length.saturating_mul(2));
         let app_id = app.id.clone();
         let this = self.clone();
-        let (outcome, v) = self
+        let checked = self
             .0
             .store
             .write(move |tx| -> Result<(CodeCheck, Verification)> {
@@ -910,6 +892,15 @@ impl Service {
                     Some(v) if v.app == app_id => v,
                     _ => return Err(Error::NotFound),
                 };
+                // Limits apply once the verification is known to exist for this app, so made-up
+                // ids cannot fill the limiter's tables; checking here (in-memory, sub-µs) saves
+                // a separate store read.
+                limited(
+                    this.0
+                        .limiter
+                        .check_code(&app_id, &id.to_string(), client_ip),
+                )?;
+                let was_pending = v.status == Status::Pending;
                 let keys = &this.0.keys;
                 let outcome = v.check_code(now, |c: &CodeState| {
                     let Some(code) = code.as_deref() else {
@@ -920,31 +911,40 @@ impl Service {
                     };
                     keys.code_matches(&c.kid, id, code, &mac)
                 });
+                // A pending verification always changed (the attempt was counted, or its status
+                // moved); a final one never does, so repeats cost no write.
+                if was_pending {
+                    tx.put_verification(&v)?;
+                }
                 match outcome {
                     CodeCheck::Verified { first: true } => {
-                        tx.put_verification(&v)?;
                         this.callback(tx, &v, "verification.verified", now)?;
                     }
-                    CodeCheck::Invalid { remaining }
-                        if v.status == Status::Pending || remaining == 0 =>
+                    CodeCheck::Invalid { remaining: 0 }
+                        if was_pending && v.status == Status::Locked =>
                     {
-                        tx.put_verification(&v)?;
-                        if remaining == 0 && v.status == Status::Locked {
-                            this.callback(tx, &v, "verification.locked", now)?;
-                        }
+                        this.callback(tx, &v, "verification.locked", now)?;
                     }
                     CodeCheck::Expired { first: true } => {
-                        tx.put_verification(&v)?;
                         this.callback(tx, &v, "verification.expired", now)?;
-                    }
-                    CodeCheck::Locked if v.status == Status::Locked => {
-                        tx.put_verification(&v)?;
                     }
                     _ => {}
                 }
                 Ok((outcome, v))
             })
-            .await?;
+            .await;
+        let (outcome, v) = match checked {
+            Ok(x) => x,
+            Err(Error::NotFound) => {
+                self.0
+                    .metrics
+                    .code_checks
+                    .with_label_values(&["not_found"])
+                    .inc();
+                return Err(Error::NotFound);
+            }
+            Err(e) => return Err(e),
+        };
         self.wake_mail();
         let m = &self.0.metrics;
         let result = |r: &str| m.code_checks.with_label_values(&[r]).inc();

@@ -281,6 +281,15 @@ pub fn body_hash(body: &[u8]) -> String {
     crate::apps::encode_hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref())
 }
 
+/// The verification `id` of app `app`, as [`Error::NotFound`] when it is missing or another
+/// app's (the two are indistinguishable to a caller by design).
+fn owned(tx: &Tx<'_>, id: VerificationId, app: &str) -> Result<Verification> {
+    match tx.verification(id)? {
+        Some(v) if v.app == app => Ok(v),
+        _ => Err(Error::NotFound),
+    }
+}
+
 /// The `deliverability` object of the validate answer.
 pub fn deliverability_json(d: &Deliverability) -> Value {
     match d {
@@ -869,14 +878,7 @@ impl Service {
             .await
         {
             Ok(id) => id,
-            Err(Error::NotFound) => {
-                self.0
-                    .metrics
-                    .code_checks
-                    .with_label_values(&["not_found"])
-                    .inc();
-                return Err(Error::NotFound);
-            }
+            Err(Error::NotFound) => return Err(self.check_not_found()),
             Err(e) => return Err(e),
         };
         let now = self.now();
@@ -888,10 +890,7 @@ impl Service {
             .0
             .store
             .write(move |tx| -> Result<(CodeCheck, Verification)> {
-                let mut v = match tx.verification(id)? {
-                    Some(v) if v.app == app_id => v,
-                    _ => return Err(Error::NotFound),
-                };
+                let mut v = owned(tx, id, &app_id)?;
                 // Limits apply once the verification is known to exist for this app, so made-up
                 // ids cannot fill the limiter's tables; checking here (in-memory, sub-µs) saves
                 // a separate store read.
@@ -935,14 +934,7 @@ impl Service {
             .await;
         let (outcome, v) = match checked {
             Ok(x) => x,
-            Err(Error::NotFound) => {
-                self.0
-                    .metrics
-                    .code_checks
-                    .with_label_values(&["not_found"])
-                    .inc();
-                return Err(Error::NotFound);
-            }
+            Err(Error::NotFound) => return Err(self.check_not_found()),
             Err(e) => return Err(e),
         };
         self.wake_mail();
@@ -989,6 +981,15 @@ impl Service {
         }
     }
 
+    fn check_not_found(&self) -> Error {
+        self.0
+            .metrics
+            .code_checks
+            .with_label_values(&["not_found"])
+            .inc();
+        Error::NotFound
+    }
+
     /// Queues the mail again (DESIGN §3.3): same code and link.
     ///
     /// # Errors
@@ -1011,10 +1012,7 @@ impl Service {
             .0
             .store
             .write(move |tx| -> Result<Verification> {
-                let mut v = match tx.verification(id)? {
-                    Some(v) if v.app == app_id => v,
-                    _ => return Err(Error::NotFound),
-                };
+                let mut v = owned(tx, id, &app_id)?;
                 if v.expire_if_due(now) {
                     tx.put_verification(&v)?;
                     this.callback(tx, &v, "verification.expired", now)?;
@@ -1054,10 +1052,7 @@ impl Service {
             .store
             .write(
                 move |tx| -> Result<(Verification, std::result::Result<(), Status>)> {
-                    let mut v = match tx.verification(id)? {
-                        Some(v) if v.app == app_id => v,
-                        _ => return Err(Error::NotFound),
-                    };
+                    let mut v = owned(tx, id, &app_id)?;
                     let was_pending = v.status == Status::Pending;
                     let res = v.cancel(now);
                     if was_pending {

@@ -274,7 +274,10 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
             .map_err(|e| Error::Setup(format!("store open task failed: {e}")))??
     };
     let metrics = Metrics::new().map_err(|e| Error::Setup(e.to_string()))?;
-    let templates = Arc::new(Templates::builtin().map_err(|e| Error::Setup(e.to_string()))?);
+    let templates = Arc::new(
+        Templates::load(crate::config::template_dirs(&cfg.apps))
+            .map_err(|e| Error::Setup(e.to_string()))?,
+    );
     let apps = Apps::from_config(&cfg).map_err(Error::Setup)?;
     let mail_ready = Arc::new(Notify::new());
     let limiter = RateLimiter::with_overrides(

@@ -226,6 +226,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 );
                 cfg.signing.keys.clear();
             }
+            crate::templates::Templates::load(crate::config::template_dirs(&cfg.apps))
+                .context("template overrides are not valid")?;
             print!("{}", cfg.to_redacted_toml()?);
             Ok(())
         }

@@ -510,8 +510,18 @@ pub struct AppConfig {
     pub redirect_prefixes: Vec<String>,
     /// Sender of this app's mail. Default `delivery.from`.
     pub from: Option<String>,
+    /// Template overrides: `<dir>/<purpose or "default">/<locale>/mail.{subject.txt,txt,html}`;
+    /// checked at start and by `config check`. Default none (built-in templates).
+    pub templates_dir: Option<PathBuf>,
     /// This app's rate limits, replacing the `[limits]` entries it names. Default none.
     pub limits: Option<crate::ratelimit::LimitsOverride>,
+}
+
+/// The template-override folders of `apps`, for [`crate::templates::Templates::load`].
+pub fn template_dirs(apps: &[AppConfig]) -> Vec<(&str, &Path)> {
+    apps.iter()
+        .filter_map(|a| a.templates_dir.as_deref().map(|d| (a.id.as_str(), d)))
+        .collect()
 }
 
 impl AppConfig {

@@ -234,6 +234,7 @@ fn compose(
     let rendered = service
         .templates()
         .render_mail(&MailContext {
+            app: &v.app,
             locale: &v.locale,
             purpose: &v.purpose,
             email: &v.email,

@@ -7,10 +7,34 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior, context};
 /// Locales with built-in templates; the first is the fallback.
 pub const LOCALES: [&str; 2] = ["en", "zh-CN"];
 
-/// Template failures (a bug in a template, caught by tests and at start-up).
+/// Template failures: a bug in a built-in template (caught by tests), or an operator's override
+/// that does not compile, render or fit the layout (caught at start-up and by `config check`).
 #[derive(Debug, thiserror::Error)]
-#[error("template: {0}")]
-pub struct Error(#[from] minijinja::Error);
+pub enum Error {
+    /// A template does not compile or render.
+    #[error("template: {0:#}")]
+    Template(#[from] minijinja::Error),
+    /// An override file or folder could not be read.
+    #[error("template overrides: cannot read {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An override is not where the layout expects it (a typo would silently never apply).
+    #[error("template overrides: {path}: {problem}")]
+    Layout {
+        /// The file or folder.
+        path: String,
+        /// What is wrong and what is expected.
+        problem: String,
+    },
+}
+
+/// Mail parts, the file names of overrides: `<dir>/<purpose>/<locale>/mail.<part>`.
+const MAIL_PARTS: [&str; 3] = ["subject.txt", "txt", "html"];
 
 /// Picks the built-in locale for a requested BCP 47 tag: exact match, then language match
 /// (`zh`, `zh-Hans`, `zh-SG` → `zh-CN`), then `default`, then `en`.
@@ -39,6 +63,8 @@ pub fn pick_locale(requested: Option<&str>, default: &str) -> &'static str {
 /// What a verification mail needs.
 #[derive(Debug, Clone)]
 pub struct MailContext<'a> {
+    /// The app (its overrides apply).
+    pub app: &'a str,
     /// Built-in locale.
     pub locale: &'a str,
     /// Purpose label.
@@ -173,6 +199,108 @@ impl Templates {
         Ok(Templates { env })
     }
 
+    /// The built-in templates plus each app's overrides from its `templates_dir`:
+    /// `<dir>/<purpose or "default">/<locale>/mail.{subject.txt,txt,html}`. Every override is
+    /// compiled and rendered once with sample data (link and code, and neither), so a broken
+    /// override fails here, at start-up, not when a mail is due.
+    ///
+    /// # Errors
+    /// An unreadable folder, a file outside the layout, or an override that does not compile
+    /// or render; the message names the file.
+    pub fn load<'a>(
+        apps: impl IntoIterator<Item = (&'a str, &'a std::path::Path)>,
+    ) -> Result<Self, Error> {
+        let mut t = Self::builtin()?;
+        for (app, dir) in apps {
+            t.add_overrides(app, dir)?;
+        }
+        Ok(t)
+    }
+
+    fn add_overrides(&mut self, app: &str, dir: &std::path::Path) -> Result<(), Error> {
+        let io = |path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| Error::Io { path, source }
+        };
+        let layout = |path: &std::path::Path, problem: &str| Error::Layout {
+            path: path.display().to_string(),
+            problem: problem.to_string(),
+        };
+        for purpose in std::fs::read_dir(dir).map_err(io(dir))? {
+            let purpose = purpose.map_err(io(dir))?.path();
+            let pname = purpose
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let valid_purpose = !pname.is_empty()
+                && pname.len() <= 32
+                && pname
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !purpose.is_dir() || !valid_purpose {
+                return Err(layout(
+                    &purpose,
+                    "expected a folder named after a purpose ([a-z0-9_]{1,32}) or \"default\"",
+                ));
+            }
+            for locale in std::fs::read_dir(&purpose).map_err(io(&purpose))? {
+                let locale = locale.map_err(io(&purpose))?.path();
+                let lname = locale
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                if !locale.is_dir() || !LOCALES.contains(&lname.as_str()) {
+                    return Err(layout(
+                        &locale,
+                        &format!("expected a locale folder, one of {LOCALES:?}"),
+                    ));
+                }
+                for file in std::fs::read_dir(&locale).map_err(io(&locale))? {
+                    let file = file.map_err(io(&locale))?.path();
+                    let fname = file
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default()
+                        .to_string();
+                    let Some(part) = fname
+                        .strip_prefix("mail.")
+                        .filter(|p| MAIL_PARTS.contains(p))
+                    else {
+                        return Err(layout(
+                            &file,
+                            "expected mail.subject.txt, mail.txt or mail.html",
+                        ));
+                    };
+                    let source = std::fs::read_to_string(&file).map_err(io(&file))?;
+                    let name = format!("apps/{app}/{pname}/{lname}/mail.{part}");
+                    self.env
+                        .add_template_owned(name.clone(), source)
+                        .map_err(|e| Error::Layout {
+                            path: file.display().to_string(),
+                            problem: format!("{e:#}"),
+                        })?;
+                    let tmpl = self.env.get_template(&name)?;
+                    for (link, code) in [
+                        (Some("https://v.example/v/TOKEN"), Some("123456")),
+                        (None, None),
+                    ] {
+                        tmpl.render(context! {
+                            purpose => pname.as_str(), email => "someone@example.com", link => link,
+                            code => code, expires_minutes => 10,
+                        })
+                        .map_err(|e| Error::Layout {
+                            path: file.display().to_string(),
+                            problem: format!("does not render with sample data: {e:#}"),
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Renders a verification mail.
     ///
     /// # Errors
@@ -186,7 +314,24 @@ impl Templates {
             code => m.code,
             expires_minutes => m.expires_minutes,
         };
-        let get = |part: &str| self.env.get_template(&format!("{locale}/mail.{part}"));
+        // An app's override for this purpose, then its `default` purpose, then the built-in.
+        let get = |part: &str| {
+            let names = [
+                format!("apps/{}/{}/{locale}/mail.{part}", m.app, m.purpose),
+                format!("apps/{}/default/{locale}/mail.{part}", m.app),
+                format!("{locale}/mail.{part}"),
+            ];
+            let mut last = None;
+            for n in &names {
+                match self.env.get_template(n) {
+                    Ok(t) => return Ok(t),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                minijinja::Error::new(minijinja::ErrorKind::TemplateNotFound, "no template")
+            }))
+        };
         Ok(RenderedMail {
             subject: get("subject.txt")?.render(&ctx)?.trim().to_string(),
             text: get("txt")?.render(&ctx)?,
@@ -238,6 +383,7 @@ mod tests {
         for locale in LOCALES {
             let m = t
                 .render_mail(&MailContext {
+                    app: "shop",
                     locale,
                     purpose: "signup",
                     email: "<b>x</b>@example.com",
@@ -258,6 +404,7 @@ mod tests {
         }
         let zh = t
             .render_mail(&MailContext {
+                app: "shop",
                 locale: "zh-CN",
                 purpose: "signup",
                 email: "a@example.com",
@@ -268,6 +415,63 @@ mod tests {
             .expect("render");
         assert_eq!(zh.subject, "您的验证码：654321");
         assert!(!zh.text.contains("http"));
+    }
+
+    #[test]
+    fn app_overrides_apply_per_purpose_and_fall_back_part_by_part() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let login = dir.path().join("login/en");
+        std::fs::create_dir_all(&login).expect("mkdir");
+        std::fs::write(
+            login.join("mail.subject.txt"),
+            "Sign in to Shop: {{ code }}",
+        )
+        .expect("write");
+        let default = dir.path().join("default/en");
+        std::fs::create_dir_all(&default).expect("mkdir");
+        std::fs::write(default.join("mail.txt"), "Shop says: {{ link }}").expect("write");
+        let t = Templates::load([("shop", dir.path())]).expect("load");
+        let ctx = |app, purpose| MailContext {
+            app,
+            locale: "en",
+            purpose,
+            email: "a@example.com",
+            link: Some("https://v/x"),
+            code: Some("123456"),
+            expires_minutes: 10,
+        };
+        let m = t.render_mail(&ctx("shop", "login")).expect("render");
+        assert_eq!(m.subject, "Sign in to Shop: 123456");
+        assert_eq!(
+            m.text, "Shop says: https://v/x",
+            "default purpose of the app"
+        );
+        assert!(m.html.contains("123456"), "built-in html");
+        let other = t.render_mail(&ctx("other", "login")).expect("render");
+        assert!(
+            !other.subject.contains("Shop"),
+            "another app keeps the built-ins"
+        );
+    }
+
+    #[test]
+    fn broken_or_misplaced_overrides_fail_at_load_and_name_the_file() {
+        for (path, content, words) in [
+            ("signup/en/mail.txt", "{{ link ", "mail.txt"),
+            ("signup/en/mail.txt", "{{ lnk }}", "does not render"),
+            ("signup/fr/mail.txt", "x", "locale"),
+            ("Sign Up/en/mail.txt", "x", "purpose"),
+            ("signup/en/mail.text", "x", "mail.subject.txt"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = dir.path().join(path);
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&file, content).expect("write");
+            let e = Templates::load([("shop", dir.path())])
+                .expect_err(path)
+                .to_string();
+            assert!(e.contains(words), "{path}: {e}");
+        }
     }
 
     #[test]

@@ -273,3 +273,29 @@ async fn queued_mail_survives_sigkill_and_every_message_is_delivered_after_resta
         total - distinct.len()
     );
 }
+
+#[test]
+fn config_check_rejects_a_broken_template_override() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tpl = dir.path().join("tpl/signup/en");
+    std::fs::create_dir_all(&tpl).expect("mkdir");
+    std::fs::write(tpl.join("mail.html"), "<p>{{ link }</p>").expect("write");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[signing]\nkeys = [\"{SIGNING_K1}\"]\n[[apps]]\nid = \"shop\"\napi_keys = [\"plain-api-key-123456789\"]\ntemplates_dir = {:?}\n",
+            dir.path().join("tpl").display().to_string()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env_remove("VERIGATE_CONFIG")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mail.html"), "{err}");
+}

@@ -543,3 +543,30 @@ async fn probes_answer_and_graceful_shutdown_keeps_data() {
     let again = start(app.dir.clone(), &[SIGNING_K1], "", app.clock.clone()).await;
     assert_eq!(again.status(&id).await, "pending");
 }
+
+#[tokio::test]
+async fn an_apps_template_override_is_used_for_its_purpose() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let login = dir.path().join("login/en");
+    std::fs::create_dir_all(&login).expect("mkdir");
+    std::fs::write(login.join("mail.subject.txt"), "Your Shop sign-in link").expect("write");
+    let app = spawn_app_with(&format!(
+        "shop.templates_dir = {:?}\n",
+        dir.path().display().to_string()
+    ))
+    .await;
+    app.create(json!({"email": "t@example.com", "purpose": "login"}))
+        .await;
+    app.create(json!({"email": "u@example.com", "purpose": "signup"}))
+        .await;
+    let mails = wait_for(&app.mail_dir(), 2).await;
+    let subjects: Vec<String> = mails.iter().filter_map(|m| m.header("Subject")).collect();
+    assert!(
+        subjects.contains(&"Your Shop sign-in link".to_string()),
+        "{subjects:?}"
+    );
+    assert!(
+        subjects.contains(&"Confirm your email address".to_string()),
+        "{subjects:?}"
+    );
+}

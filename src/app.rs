@@ -322,6 +322,9 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         check_dns_on_create: cfg.dns.check_on_create,
         address_options: cfg.address.options(),
         disposable,
+        dkim: crate::dkim::Signer::load(&cfg.dkim)
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .map(Arc::new),
         on_dns_failure: cfg.dns.on_failure,
         limiter: limiter.clone(),
     });

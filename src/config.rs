@@ -121,6 +121,8 @@ pub struct Config {
     pub smtp: Smtp,
     /// The `file` transport.
     pub file: FileTransport,
+    /// DKIM signing of outgoing mail.
+    pub dkim: crate::dkim::DkimConfig,
     /// Accepted address forms and the disposable-domain policy.
     pub address: crate::address::AddressConfig,
     /// DNS deliverability checks.
@@ -151,6 +153,7 @@ impl Default for Config {
             delivery: Delivery::default(),
             smtp: Smtp::default(),
             file: FileTransport::default(),
+            dkim: crate::dkim::DkimConfig::default(),
             address: crate::address::AddressConfig::default(),
             dns: crate::address::dns::DnsConfig::default(),
             verification: VerificationPolicy::default(),

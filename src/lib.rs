@@ -13,6 +13,7 @@
 //! - [`ratelimit`]: keyed token buckets (governor) for creates, resends and code checks.
 //! - [`store`]: the fjall database behind one group-committing writer.
 //! - [`templates`]: built-in mail and page templates (en, zh-CN).
+//! - [`dkim`]: DKIM signing of outgoing mail (ring; relaxed/relaxed).
 //! - [`mail`]: RFC 5322 messages with header safety by construction.
 //! - [`apps`]: tenants, API keys, redirect prefixes.
 //! - [`metrics`]: Prometheus metrics.
@@ -26,6 +27,7 @@ pub mod callbacks;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dkim;
 pub mod http;
 pub mod id;
 pub mod mail;

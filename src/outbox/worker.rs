@@ -256,6 +256,12 @@ fn compose(
     }
     .to_bytes()
     .map_err(|e| e.to_string())?;
+    let bytes = match service.dkim() {
+        Some(signer) => signer
+            .sign(&bytes, now.as_secs())
+            .map_err(|e| e.to_string())?,
+        None => bytes,
+    };
     Ok(OutgoingMail {
         name: e.id.to_string(),
         envelope_from,

@@ -204,6 +204,7 @@ struct Inner {
     limiter: RateLimiter,
     address_options: address::Options,
     disposable: Option<address::DisposableDomains>,
+    dkim: Option<Arc<crate::dkim::Signer>>,
 }
 
 /// Everything the service is built from.
@@ -236,6 +237,8 @@ pub struct Parts {
     pub address_options: address::Options,
     /// The disposable-domain list, when configured.
     pub disposable: Option<address::DisposableDomains>,
+    /// The DKIM signer, when configured.
+    pub dkim: Option<Arc<crate::dkim::Signer>>,
     /// `dns.on_failure`.
     pub on_dns_failure: OnFailure,
     /// Rate limits.
@@ -343,6 +346,7 @@ impl Service {
             check_dns_on_create: p.check_dns_on_create,
             address_options: p.address_options,
             disposable: p.disposable,
+            dkim: p.dkim,
         }))
     }
 
@@ -359,6 +363,11 @@ impl Service {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.0.store
+    }
+
+    /// The DKIM signer, when configured.
+    pub fn dkim(&self) -> Option<&crate::dkim::Signer> {
+        self.0.dkim.as_deref()
     }
 
     /// The keyring.

@@ -338,63 +338,64 @@ fn dkimpy_verify(message: &[u8], selector_domain: &str, record: &str) -> Option<
 #[tokio::test]
 async fn mail_is_dkim_signed_and_an_independent_verifier_accepts_it() {
     use base64::Engine;
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+    let ed = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
         .expect("key");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pem = dir.path().join("dkim.pem");
-    std::fs::write(
-        &pem,
-        format!(
-            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-            base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
-        ),
-    )
-    .expect("write");
-    let signer = verigate::dkim::Signer::from_pkcs8("shop.example.com", "s1", pkcs8.as_ref())
-        .expect("signer");
-    let relay = FakeSmtp::new().start();
-    let app = spawn_app_with(&smtp_config(
-        relay.port(),
-        &format!(
-            "[dkim]\ndomain = \"shop.example.com\"\nselector = \"s1\"\nprivate_key_file = {:?}\n",
-            pem.display().to_string()
-        ),
-    ))
-    .await;
-    let id = create(
-        &app,
-        json!({"email": "dkim@example.com", "method": "link_and_code", "locale": "zh-CN"}),
-    )
-    .await;
-    wait_until(&app, &id, |v| v["delivery"]["status"] == "sent").await;
-    let data = relay.messages()[0].data.clone();
-    let text = String::from_utf8_lossy(&data).into_owned();
-    assert!(
-        text.starts_with(
-            "DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=shop.example.com; s=s1;"
-        ),
-        "{text}"
+    let ed_pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(ed.as_ref())
     );
-    match dkimpy_verify(
-        &data,
-        "s1._domainkey.shop.example.com",
-        &signer.dns_record(),
-    ) {
-        Some(ok) => assert!(ok, "dkimpy rejected the signature:\n{text}"),
-        None => assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install dkimpy and pynacl"
-        ),
-    }
-    // A tampered body fails, so the check above is meaningful.
-    let tampered = text.replacen("dkim@example.com", "dkix@example.com", 1);
-    assert_ne!(tampered, text);
-    assert_ne!(
-        dkimpy_verify(
-            tampered.as_bytes(),
+    // A test-only RSA key (ring cannot generate RSA keys): `openssl genpkey -algorithm RSA`.
+    let rsa_pem = include_str!("support/dkim-test-rsa.pem").to_string();
+    for (alg, pem_text) in [("ed25519-sha256", ed_pem), ("rsa-sha256", rsa_pem)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = dir.path().join("dkim.pem");
+        std::fs::write(&pem, &pem_text).expect("write");
+        let cfg = verigate::dkim::DkimConfig {
+            domain: Some("shop.example.com".into()),
+            selector: Some("s1".into()),
+            private_key_file: Some(pem.clone()),
+        };
+        let signer = verigate::dkim::Signer::load(&cfg)
+            .expect("load")
+            .expect("on");
+        let relay = FakeSmtp::new().start();
+        let app = spawn_app_with(&smtp_config(
+            relay.port(),
+            &format!("[dkim]\ndomain = \"shop.example.com\"\nselector = \"s1\"\nprivate_key_file = {:?}\n", pem.display().to_string()),
+        ))
+        .await;
+        let id = create(
+            &app,
+            json!({"email": "dkim@example.com", "method": "link_and_code", "locale": "zh-CN"}),
+        )
+        .await;
+        wait_until(&app, &id, |v| v["delivery"]["status"] == "sent").await;
+        let data = relay.messages()[0].data.clone();
+        let text = String::from_utf8_lossy(&data).into_owned();
+        let prefix =
+            format!("DKIM-Signature: v=1; a={alg}; c=relaxed/relaxed; d=shop.example.com; s=s1;");
+        assert!(text.starts_with(&prefix), "{text}");
+        match dkimpy_verify(
+            &data,
             "s1._domainkey.shop.example.com",
-            &signer.dns_record()
-        ),
-        Some(true)
-    );
+            &signer.dns_record(),
+        ) {
+            Some(ok) => assert!(ok, "dkimpy rejected the {alg} signature:\n{text}"),
+            None => assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must install dkimpy and pynacl"
+            ),
+        }
+        // A tampered header fails, so the check above is meaningful.
+        let tampered = text.replacen("dkim@example.com", "dkix@example.com", 1);
+        assert_ne!(tampered, text);
+        assert_ne!(
+            dkimpy_verify(
+                tampered.as_bytes(),
+                "s1._domainkey.shop.example.com",
+                &signer.dns_record()
+            ),
+            Some(true)
+        );
+    }
 }

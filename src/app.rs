@@ -274,6 +274,22 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
             .map_err(|e| Error::Setup(format!("store open task failed: {e}")))??
     };
     let metrics = Metrics::new().map_err(|e| Error::Setup(e.to_string()))?;
+    for (listener, routes) in [
+        ("api", &crate::http::API_ROUTES[..]),
+        ("public", &crate::http::PUBLIC_ROUTES[..]),
+    ] {
+        for route in routes {
+            metrics.http_duration.with_label_values(&[listener, route]);
+            let ok = if matches!(*route, "create" | "resend") {
+                "202"
+            } else {
+                "200"
+            };
+            metrics
+                .http_requests
+                .with_label_values(&[listener, route, ok]);
+        }
+    }
     let templates = Arc::new(
         Templates::load(crate::config::template_dirs(&cfg.apps))
             .map_err(|e| Error::Setup(e.to_string()))?,

@@ -115,6 +115,26 @@ impl Listener {
     }
 }
 
+/// Route labels of the api listener (pre-set in metrics so dashboards show zeros, not gaps).
+pub const API_ROUTES: [&str; 14] = [
+    "healthz",
+    "readyz",
+    "metrics",
+    "create",
+    "check",
+    "get",
+    "cancel",
+    "resend",
+    "validate_address",
+    "admin_outbox_list",
+    "admin_outbox_show",
+    "admin_outbox_drop",
+    "admin_outbox_retry",
+    "unmatched",
+];
+/// Route labels of the public listener.
+pub const PUBLIC_ROUTES: [&str; 4] = ["healthz", "confirm_page", "confirm", "unmatched"];
+
 /// The route a response came from, for metrics; set by routers as a response extension.
 #[derive(Debug, Clone, Copy)]
 pub struct Route(pub &'static str);

@@ -570,3 +570,56 @@ async fn an_apps_template_override_is_used_for_its_purpose() {
         "{subjects:?}"
     );
 }
+
+#[tokio::test]
+async fn every_metric_the_dashboard_queries_is_exposed_from_start_up() {
+    let dash: serde_json::Value =
+        serde_json::from_str(include_str!("../../dashboards/verigate.json"))
+            .expect("dashboard is JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(i) = rest.find("verigate_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.insert(name.trim_end_matches("_bucket").to_string());
+                rest = &rest[i + 9..];
+            }
+        }
+    }
+    assert!(names.len() >= 12, "{names:?}");
+    // DNS checks on, so their series exist too (no lookups happen).
+    let app =
+        spawn_app_with("[dns]\ncheck_on_create = false\nnameservers = [\"127.0.0.1:9\"]\n").await;
+    let m = app
+        .client
+        .send(Method::GET, &format!("{}/metrics", app.api), &[], "")
+        .await
+        .text();
+    let smtp_free: Vec<&String> = names
+        .iter()
+        .filter(|n| !n.starts_with("verigate_smtp_"))
+        .collect();
+    for n in smtp_free {
+        assert!(m.contains(n.as_str()), "{n} missing from /metrics");
+    }
+    // SMTP series exist when the SMTP transport is configured.
+    let relay = crate::support::fake_smtp::FakeSmtp::new().start();
+    let smtp = spawn_app_with(&format!(
+        "[delivery]\ntransport = \"smtp\"\nready_requires_transport = false\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+        relay.port()
+    ))
+    .await;
+    let m = smtp
+        .client
+        .send(Method::GET, &format!("{}/metrics", smtp.api), &[], "")
+        .await
+        .text();
+    for n in names.iter().filter(|n| n.starts_with("verigate_smtp_")) {
+        assert!(m.contains(n.as_str()), "{n} missing from /metrics");
+    }
+}

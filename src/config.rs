@@ -446,6 +446,9 @@ pub struct StoreConfig {
     pub max_group: usize,
     /// Block cache size, MiB. Default 16.
     pub cache_mib: u64,
+    /// Largest in-memory table per keyspace before it is flushed to disk, MiB; bounds memory
+    /// under a write burst (six keyspaces). Default 8.
+    pub memtable_mib: u64,
 }
 
 impl Default for StoreConfig {
@@ -454,6 +457,7 @@ impl Default for StoreConfig {
             sync: SyncMode::Data,
             max_group: 512,
             cache_mib: 16,
+            memtable_mib: 8,
         }
     }
 }

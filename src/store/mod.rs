@@ -162,7 +162,8 @@ impl Store {
         let db = Database::builder(dir.join("db"))
             .cache_size(cfg.cache_mib.saturating_mul(1 << 20))
             .open()?;
-        let opts = KeyspaceCreateOptions::default;
+        let memtable = cfg.memtable_mib.max(1).saturating_mul(1 << 20);
+        let opts = || KeyspaceCreateOptions::default().max_memtable_size(memtable);
         let ks = Keyspaces {
             verifications: db.keyspace("verifications", opts)?,
             current: db.keyspace("current", opts)?,

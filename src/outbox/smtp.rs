@@ -822,6 +822,7 @@ impl Inner {
             .await
             .map_err(|_| mail_send::Error::Timeout)??;
         session.set_timeout(self.command_timeout);
+        session.set_nodelay();
         self.metrics.connections_opened.inc();
         self.reached.store(true, Ordering::Relaxed);
         Ok(session)
@@ -848,6 +849,19 @@ impl Inner {
 }
 
 impl Session {
+    /// Turns Nagle's algorithm off. mail-send writes the message and the final `.` in two
+    /// writes; with Nagle on, the 5-byte terminator waits for the relay's delayed ACK (~40 ms
+    /// on Linux), capping each session at ~23 mails/s (measured with benches/delivery.sh).
+    fn set_nodelay(&self) {
+        let r = match self {
+            Session::Plain(c) => c.stream.set_nodelay(true),
+            Session::Tls(c) => c.stream.get_ref().0.set_nodelay(true),
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on the SMTP connection");
+        }
+    }
+
     fn set_timeout(&mut self, timeout: Duration) {
         match self {
             Session::Plain(c) => c.timeout = timeout,

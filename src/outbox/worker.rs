@@ -93,7 +93,7 @@ pub async fn run(
             break;
         }
         let notified = wake.notified();
-        let did = match pass(&service, &transport, &cfg, &sem, pacer.as_ref()).await {
+        let did = match pass(&service, &transport, &cfg, &sem, pacer.as_ref(), &shutdown).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "outbox pass failed");
@@ -123,6 +123,7 @@ async fn pass(
     cfg: &WorkerConfig,
     sem: &Arc<tokio::sync::Semaphore>,
     pacer: Option<&Arc<Pacer>>,
+    shutdown: &watch::Receiver<bool>,
 ) -> Result<usize, Error> {
     let now = service.now();
     let lane = transport.lane();
@@ -184,7 +185,17 @@ async fn pass(
         .await?;
     let n = claimed.len();
     for c in claimed {
-        let Ok(permit) = sem.clone().acquire_owned().await else {
+        // On shutdown, entries claimed but not started keep their lease and are claimed again
+        // when it runs out (after a restart): stopping does not wait for the whole batch.
+        if *shutdown.borrow() {
+            break;
+        }
+        let mut stop = shutdown.clone();
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => p,
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = permit else {
             break;
         };
         let service = service.clone();

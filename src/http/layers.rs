@@ -3,6 +3,7 @@
 //! It also turns failures of the inner stack (load shedding, timeouts) into JSON answers, so
 //! those are counted and carry the request id too.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -24,14 +25,14 @@ const MAX_REQUEST_ID_LEN: usize = 64;
 pub struct Observe<S> {
     inner: S,
     kind: Listener,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
 }
 
 // === impl Observe ===
 
 impl<S> Observe<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, kind: Listener, metrics: Metrics) -> Self {
+    pub fn new(inner: S, kind: Listener, metrics: Arc<Metrics>) -> Self {
         Observe {
             inner,
             kind,

@@ -345,7 +345,8 @@ impl Server {
             .concurrency_limit(cfg.max_concurrency)
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .service(layers::Route::new(router));
-        let svc = layers::Observe::new(inner, kind, metrics);
+        // One Arc per listener: the layer is cloned per connection and per request.
+        let svc = layers::Observe::new(inner, kind, Arc::new(metrics));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()

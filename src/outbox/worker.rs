@@ -373,17 +373,11 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
         .await;
     match r {
         Ok(()) => {
-            let m = service.metrics();
-            m.outbox_attempts.with_label_values(&["email", label]).inc();
-            if label == "delivered" {
-                m.delivery_latency
-                    .with_label_values(&["email"])
-                    .observe(created_at.until(done_at).as_secs_f64());
-            }
+            count_attempt(service, "email", label, created_at, done_at);
             if label == "failed"
                 && let Some(v) = &c.verification
             {
-                m.event("delivery_failed", v.method);
+                service.metrics().event("delivery_failed", v.method);
             }
         }
         Err(e) => {
@@ -486,18 +480,27 @@ async fn deliver_callback(service: &Service, lane: &CallbackLane, retry: RetryPo
         .await;
     match r {
         Ok(label) => {
-            let m = service.metrics();
-            m.outbox_attempts
-                .with_label_values(&["callback", label])
-                .inc();
-            if label == "delivered" {
-                m.delivery_latency
-                    .with_label_values(&["callback"])
-                    .observe(c.entry.created_at.until(done_at).as_secs_f64());
-            }
+            count_attempt(service, "callback", label, c.entry.created_at, done_at);
         }
         Err(e) => {
             tracing::error!(error = %e, entry = %id, "cannot record callback outcome; the lease will expire and it will be retried")
         }
+    }
+}
+
+/// Counts one recorded attempt of `lane` (and its latency, when delivered).
+fn count_attempt(
+    service: &Service,
+    lane: &str,
+    outcome: &str,
+    created_at: UnixTime,
+    done_at: UnixTime,
+) {
+    let m = service.metrics();
+    m.outbox_attempts.with_label_values(&[lane, outcome]).inc();
+    if outcome == "delivered" {
+        m.delivery_latency
+            .with_label_values(&[lane])
+            .observe(created_at.until(done_at).as_secs_f64());
     }
 }

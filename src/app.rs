@@ -18,6 +18,7 @@ use crate::callbacks::{CallbackSender, Signer, WebhookSecret};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{AppConfig, Config, Secret, Transport as TransportKind};
 use crate::http::api::{ApiState, Readiness};
+use crate::http::public::PublicState;
 use crate::http::{Listener, Server};
 use crate::metrics::Metrics;
 use crate::outbox::smtp::{SmtpMetrics, SmtpTransport};
@@ -28,6 +29,7 @@ use crate::store::Store;
 use crate::templates::Templates;
 use crate::verification::service::{Parts, Service};
 use crate::verification::token::{Keyring, SigningKey};
+use crate::watch::{Hub, WatchMetrics};
 
 /// File in the data dir holding generated signing keys.
 pub const SIGNING_KEYS_FILE: &str = "signing-keys";
@@ -37,6 +39,8 @@ pub const DEV_API_KEY_FILE: &str = "dev-api-key";
 const IDEMPOTENCY_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 /// How often an unreachable relay is probed again at start-up.
 const RELAY_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long shutdown waits for WebSocket watchers to exchange their 1001 close frames.
+const WATCHERS_CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,7 @@ pub struct Running {
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     store: Store,
+    hub: Hub,
 }
 
 impl Running {
@@ -117,6 +122,8 @@ impl Running {
         for s in self.servers {
             let _ = s.await;
         }
+        // WebSocket watchers are not HTTP connections any more: wait for their 1001 closes.
+        self.hub.drained(WATCHERS_CLOSE_GRACE).await;
         let _ = self.stop_background.send(true);
         for b in self.background {
             let _ = b.await;
@@ -368,6 +375,55 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
 
     let (stop_http, http_rx) = watch::channel(false);
     let (stop_background, bg_rx) = watch::channel(false);
+    // Bind before starting any worker: a taken port fails the start cleanly.
+    let api = Server::bind(
+        cfg.listen.api,
+        Listener::Api,
+        crate::http::api::router(ApiState {
+            service: service.clone(),
+            ready: ready.clone(),
+        }),
+        cfg.http.clone(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|source| Error::Bind {
+        addr: cfg.listen.api,
+        source,
+    })?;
+    let hub = Hub::new(
+        cfg.watch.clone(),
+        WatchMetrics::register(metrics.registry()).map_err(|e| Error::Setup(e.to_string()))?,
+        http_rx.clone(),
+    );
+    {
+        let hub = hub.clone();
+        store.on_commit(Arc::new(move |changes| hub.publish(changes)));
+    }
+    let public = Server::bind(
+        cfg.listen.public,
+        Listener::Public,
+        crate::http::public::router(PublicState {
+            service: service.clone(),
+            hub: hub.clone(),
+            client_ip_header: Arc::from(cfg.http.client_ip_header.to_ascii_lowercase()),
+        }),
+        cfg.http.clone(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|source| Error::Bind {
+        addr: cfg.listen.public,
+        source,
+    })?;
+    let api_addr = api.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.listen.api,
+        source,
+    })?;
+    let public_addr = public.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.listen.public,
+        source,
+    })?;
     let mut background = Vec::new();
     {
         let service = service.clone();
@@ -466,41 +522,6 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         }));
     }
 
-    let api = Server::bind(
-        cfg.listen.api,
-        Listener::Api,
-        crate::http::api::router(ApiState {
-            service: service.clone(),
-            ready: ready.clone(),
-        }),
-        cfg.http.clone(),
-        metrics.clone(),
-    )
-    .await
-    .map_err(|source| Error::Bind {
-        addr: cfg.listen.api,
-        source,
-    })?;
-    let public = Server::bind(
-        cfg.listen.public,
-        Listener::Public,
-        crate::http::public::router(service.clone()),
-        cfg.http.clone(),
-        metrics.clone(),
-    )
-    .await
-    .map_err(|source| Error::Bind {
-        addr: cfg.listen.public,
-        source,
-    })?;
-    let api_addr = api.local_addr().map_err(|source| Error::Bind {
-        addr: cfg.listen.api,
-        source,
-    })?;
-    let public_addr = public.local_addr().map_err(|source| Error::Bind {
-        addr: cfg.listen.public,
-        source,
-    })?;
     let servers = vec![
         tokio::spawn(api.run(http_rx.clone())),
         tokio::spawn(public.run(http_rx)),
@@ -517,5 +538,6 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         servers,
         background,
         store,
+        hub,
     })
 }

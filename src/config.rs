@@ -139,6 +139,8 @@ pub struct Config {
     pub limits: crate::ratelimit::LimitsConfig,
     /// Callback delivery.
     pub callbacks: crate::callbacks::CallbackConfig,
+    /// Live-status connections.
+    pub watch: crate::watch::WatchConfig,
     /// Tenants sharing this daemon.
     pub apps: Vec<AppConfig>,
 }
@@ -162,6 +164,7 @@ impl Default for Config {
             log: Log::default(),
             limits: crate::ratelimit::LimitsConfig::default(),
             callbacks: crate::callbacks::CallbackConfig::default(),
+            watch: crate::watch::WatchConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -413,6 +416,9 @@ pub struct Http {
     pub max_concurrency: usize,
     /// How long shutdown waits for in-flight requests, milliseconds. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// A header a trusted reverse proxy sets to the client's address (`x-forwarded-for`,
+    /// `x-real-ip`); its last entry is used. Empty: the TCP peer address. Default empty.
+    pub client_ip_header: String,
 }
 
 impl Default for Http {
@@ -422,6 +428,7 @@ impl Default for Http {
             header_read_timeout_ms: 10_000,
             max_concurrency: 1024,
             shutdown_grace_ms: 10_000,
+            client_ip_header: String::new(),
         }
     }
 }

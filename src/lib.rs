@@ -16,6 +16,7 @@
 //! - [`dkim`]: DKIM signing of outgoing mail (ring; relaxed/relaxed).
 //! - [`mail`]: RFC 5322 messages with header safety by construction.
 //! - [`apps`]: tenants, API keys, redirect prefixes.
+//! - [`watch`]: live status: fan-out of committed changes to WebSocket/SSE watchers.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`clock`]: wall time for persisted instants; a manual clock for tests.
 //! - [`id`]: time-ordered, prefixed identifiers.
@@ -37,3 +38,4 @@ pub mod ratelimit;
 pub mod store;
 pub mod templates;
 pub mod verification;
+pub mod watch;

@@ -397,7 +397,7 @@ async fn metrics(state: &ApiState) -> Resp {
     m.store_commits
         .inc_by(commits.saturating_sub(m.store_commits.get()));
     m.store_ops.inc_by(ops.saturating_sub(m.store_ops.get()));
-    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(m.render())));
+    let mut r = hyper::Response::new(super::Body::from(m.render()));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

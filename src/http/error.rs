@@ -3,8 +3,6 @@
 //! plus named extras (e.g. `attempts_remaining`). Anything unexpected is logged with the request
 //! id and answered with a generic 500: internal errors are never echoed.
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde_json::{Map, Value, json};
@@ -69,7 +67,7 @@ impl ApiError {
     }
 
     /// The JSON response.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> super::Resp {
         let mut obj = Map::new();
         obj.insert("code".into(), Value::from(self.code));
         obj.insert("message".into(), Value::from(self.message));
@@ -78,7 +76,7 @@ impl ApiError {
         }
         obj.extend(self.extra);
         let body = json!({ "error": obj }).to_string();
-        let mut r = Response::new(Full::new(Bytes::from(body)));
+        let mut r = Response::new(super::Body::from(body));
         *r.status_mut() = self.status;
         r.headers_mut().insert(
             CONTENT_TYPE,

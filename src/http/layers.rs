@@ -26,6 +26,7 @@ pub struct Observe<S> {
     inner: S,
     kind: Listener,
     metrics: Arc<Metrics>,
+    peer: Option<std::net::SocketAddr>,
 }
 
 // === impl Observe ===
@@ -37,7 +38,14 @@ impl<S> Observe<S> {
             inner,
             kind,
             metrics,
+            peer: None,
         }
+    }
+
+    /// The same stack for one connection from `peer`.
+    pub fn with_peer(mut self, peer: std::net::SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
     }
 }
 
@@ -76,7 +84,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(p) = self.peer {
+            req.extensions_mut().insert(super::Peer(p));
+        }
         let id = request_id(&req);
         let span = tracing::info_span!("request", id = %id, listener = self.kind.as_str(), method = %req.method());
         let start = Instant::now();

@@ -22,6 +22,8 @@
 //! |---|---|---|
 //! | GET, HEAD | `/v/{token}` | confirm page; never changes state |
 //! | POST | `/v/{token}` | the confirm button |
+//! | GET | `/v1/verifications/{id}/watch?token=` | live status: WebSocket or SSE ([`watch`]) |
+//! | GET | `/static/verigate-watch.js` | the browser side of the watch endpoint |
 //! | GET | `/healthz` | probe |
 //!
 //! Layers, outer to inner: request id + trace + metrics + error-to-response mapping
@@ -32,17 +34,19 @@ pub mod api;
 pub mod error;
 pub mod layers;
 pub mod public;
+pub mod watch;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -51,7 +55,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch as signal};
 use tower::{BoxError, ServiceBuilder};
 
 pub use error::ApiError;
@@ -94,7 +98,94 @@ pub fn error_response(e: &BoxError, kind: Listener, metrics: &Metrics) -> Resp {
 }
 
 /// Response type of every handler.
-pub type Resp = Response<Full<Bytes>>;
+pub type Resp = Response<Body>;
+
+/// A response body: one buffer, or chunks as they come (Server-Sent Events).
+#[derive(Debug)]
+pub enum Body {
+    /// The whole body.
+    Full(Full<Bytes>),
+    /// A stream that ends when the sender is dropped.
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Body {
+    /// An empty body.
+    pub fn empty() -> Self {
+        Body::Full(Full::new(Bytes::new()))
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::Full(Full::new(b))
+    }
+}
+
+impl From<String> for Body {
+    fn from(s: String) -> Self {
+        Body::from(Bytes::from(s))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(f) => Pin::new(f).poll_frame(cx),
+            Body::Stream(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(f) => f.is_end_stream(),
+            Body::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(f) => f.size_hint(),
+            Body::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The TCP peer of a request (a request extension set by [`layers::Observe`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The client's address: the last entry of `header` when one is configured (a trusted proxy
+/// sets it), else the TCP peer.
+pub fn client_ip<B>(req: &Request<B>, header: &str) -> Option<IpAddr> {
+    if !header.is_empty() {
+        let forwarded = req
+            .headers()
+            .get_all(header)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| parse_forwarded_ip(s.trim()))
+            .next_back();
+        if forwarded.is_some() {
+            return forwarded;
+        }
+    }
+    req.extensions().get::<Peer>().map(|p| p.0.ip())
+}
+
+/// One entry of a forwarding header: an address, maybe with a port (`1.2.3.4:5`, `[::1]:5`).
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
 
 /// Which listener a request came in on (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +224,14 @@ pub const API_ROUTES: [&str; 14] = [
     "unmatched",
 ];
 /// Route labels of the public listener.
-pub const PUBLIC_ROUTES: [&str; 4] = ["healthz", "confirm_page", "confirm", "unmatched"];
+pub const PUBLIC_ROUTES: [&str; 6] = [
+    "healthz",
+    "confirm_page",
+    "confirm",
+    "watch",
+    "static",
+    "unmatched",
+];
 
 /// The route a response came from, for metrics; set by routers as a response extension.
 #[derive(Debug, Clone, Copy)]
@@ -150,7 +248,7 @@ pub fn json(status: StatusCode, body: &serde_json::Value) -> Resp {
 
 /// A JSON response from already-serialized text.
 pub fn json_text(status: StatusCode, body: String) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -332,7 +430,7 @@ impl Server {
 
     /// Serves until `shutdown` turns true, then stops accepting and drains in-flight requests
     /// for at most `http.shutdown_grace_ms`.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, mut shutdown: signal::Receiver<bool>) {
         let Server {
             listener,
             kind,
@@ -356,7 +454,7 @@ impl Server {
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let (stream, _) = match accepted {
+                    let (stream, peer) = match accepted {
                         Ok(x) => x,
                         Err(e) => {
                             // Out of file descriptors and the like: back off instead of spinning.
@@ -367,7 +465,7 @@ impl Server {
                     };
                     let _ = stream.set_nodelay(true);
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc.clone()))
+                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc.clone().with_peer(peer)))
                         .into_owned();
                     let fut = graceful.watch(conn);
                     tokio::spawn(async move {

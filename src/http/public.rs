@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue, LOCATION, REFERRER_POLICY,
@@ -16,20 +15,36 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::{Resp, Router, with_route};
+use super::{Body, Resp, Router, with_route};
 use crate::templates::Page;
 use crate::verification::Status;
 use crate::verification::service::{LinkView, Service};
+use crate::watch::Hub;
+
+/// The browser side of the watch endpoint, served at `/static/verigate-watch.js`.
+pub const WATCH_JS: &str = include_str!("../../static/verigate-watch.js");
+
+/// What the public router needs.
+#[derive(Clone)]
+pub struct PublicState {
+    /// The verification service.
+    pub service: Service,
+    /// Live-status fan-out.
+    pub hub: Hub,
+    /// `http.client_ip_header`.
+    pub client_ip_header: Arc<str>,
+}
 
 /// Builds the public router.
-pub fn router(service: Service) -> Router {
+pub fn router(state: PublicState) -> Router {
     Arc::new(move |req| {
-        let service = service.clone();
-        Box::pin(async move { route(service, req).await })
+        let state = state.clone();
+        Box::pin(async move { route(state, req).await })
     })
 }
 
-async fn route(service: Service, req: Request<Incoming>) -> Resp {
+async fn route(state: PublicState, req: Request<Incoming>) -> Resp {
+    let service = &state.service;
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let lang = accept_language(&req);
@@ -38,6 +53,36 @@ async fn route(service: Service, req: Request<Incoming>) -> Resp {
             super::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             "healthz",
         ),
+        (["v1", "verifications", id, "watch"], &Method::GET) => {
+            let id = id.to_string();
+            with_route(
+                super::watch::handle(service, &state.hub, req, &id).await,
+                "watch",
+            )
+        }
+        (["static", "verigate-watch.js"], &Method::GET | &Method::HEAD) => {
+            let head = req.method() == Method::HEAD;
+            let mut r = Response::new(if head {
+                Body::empty()
+            } else {
+                Body::from(Bytes::from_static(WATCH_JS.as_bytes()))
+            });
+            let h = r.headers_mut();
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript; charset=utf-8"),
+            );
+            h.insert(
+                CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=3600"),
+            );
+            h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            h.insert(
+                hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+            with_route(r, "static")
+        }
         (["v", token], &Method::GET | &Method::HEAD) => {
             let head = req.method() == Method::HEAD;
             let ua = req
@@ -45,17 +90,18 @@ async fn route(service: Service, req: Request<Incoming>) -> Resp {
                 .get(USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
+            let client = super::client_ip(&req, &state.client_ip_header);
             with_route(
-                show(&service, token, head, ua.as_deref(), &lang).await,
+                show(service, token, head, ua.as_deref(), client, &lang).await,
                 "confirm_page",
             )
         }
         (["v", token], &Method::POST) => {
-            with_route(confirm(&service, token, &lang).await, "confirm")
+            with_route(confirm(service, token, &lang).await, "confirm")
         }
         (["v", _], _) => {
             let mut r = page(
-                &service,
+                service,
                 StatusCode::METHOD_NOT_ALLOWED,
                 Page::Invalid,
                 &lang,
@@ -71,7 +117,7 @@ async fn route(service: Service, req: Request<Incoming>) -> Resp {
         }
         _ => with_route(
             page(
-                &service,
+                service,
                 StatusCode::NOT_FOUND,
                 Page::Invalid,
                 &lang,
@@ -113,11 +159,11 @@ fn page(
                 .into()
         }
     };
-    let mut r = Response::new(Full::new(if head {
-        Bytes::new()
+    let mut r = Response::new(if head {
+        Body::empty()
     } else {
-        Bytes::from(body)
-    }));
+        Body::from(body)
+    });
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -147,7 +193,14 @@ fn status_page(status: Status) -> (StatusCode, Page) {
     }
 }
 
-async fn show(service: &Service, token: &str, head: bool, ua: Option<&str>, lang: &str) -> Resp {
+async fn show(
+    service: &Service,
+    token: &str,
+    head: bool,
+    ua: Option<&str>,
+    client: Option<std::net::IpAddr>,
+    lang: &str,
+) -> Resp {
     match service.link_view(token).await {
         Ok(LinkView::Invalid) => page(
             service,
@@ -168,7 +221,7 @@ async fn show(service: &Service, token: &str, head: bool, ua: Option<&str>, lang
             let (code, kind) = status_page(status);
             if status == Status::Pending {
                 service
-                    .record_prefetch(id, if head { "HEAD" } else { "GET" }, ua)
+                    .record_prefetch(id, if head { "HEAD" } else { "GET" }, ua, client)
                     .await;
             }
             // The form posts back to this very URL, whatever prefix an ingress added.
@@ -220,7 +273,7 @@ async fn confirm(service: &Service, token: &str, lang: &str) -> Resp {
             if let Some(loc) = redirect_url.and_then(|u| redirect_to(&u, &id.to_string(), status))
                 && let Ok(v) = HeaderValue::from_str(&loc)
             {
-                let mut r = Response::new(Full::new(Bytes::new()));
+                let mut r = Response::new(Body::empty());
                 *r.status_mut() = StatusCode::SEE_OTHER;
                 r.headers_mut().insert(LOCATION, v);
                 r.headers_mut()

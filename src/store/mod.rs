@@ -25,8 +25,8 @@ pub mod keys;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ use crate::clock::UnixTime;
 use crate::config::{StoreConfig, SyncMode};
 use crate::id::{MessageId, VerificationId};
 use crate::outbox::{Lane, OutboxEntry};
-use crate::verification::Verification;
+use crate::verification::{DeliveryStatus, Status, Verification};
 
 /// Operations waiting for the writer; beyond this, callers wait (backpressure).
 const WRITE_QUEUE: usize = 8192;
@@ -125,6 +125,22 @@ enum Job {
     Stop(oneshot::Sender<()>),
 }
 
+/// A verification as it stands after a committed write, for live status (see [`Store::on_commit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    /// Which verification.
+    pub id: VerificationId,
+    /// Its stored status.
+    pub status: Status,
+    /// Its mail's delivery status.
+    pub delivery: DeliveryStatus,
+    /// When it expires (a pending verification turns expired then even before the sweeper runs).
+    pub expires_at: UnixTime,
+}
+
+/// Called on the writer thread with the changes of each committed batch; must not block.
+pub type Observer = Arc<dyn Fn(&[Change]) + Send + Sync>;
+
 /// Counters for metrics.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -139,6 +155,7 @@ struct Inner {
     ks: Keyspaces,
     jobs: mpsc::Sender<Job>,
     stats: Arc<StoreStats>,
+    observer: Arc<OnceLock<Observer>>,
 }
 
 /// Handle to the store; cheap to clone.
@@ -174,7 +191,9 @@ impl Store {
         };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(StoreStats::default());
+        let observer = Arc::new(OnceLock::new());
         let writer = Writer {
+            observer: observer.clone(),
             db: db.clone(),
             ks: ks.clone(),
             jobs: rx,
@@ -194,7 +213,15 @@ impl Store {
             ks,
             jobs: tx,
             stats,
+            observer,
         })))
+    }
+
+    /// Sets the one observer of committed verification changes (the live-status hub). It runs
+    /// after each batch is durable, so a watcher never hears of a change a crash could undo.
+    /// A second call is ignored.
+    pub fn on_commit(&self, observer: Observer) {
+        let _ = self.0.observer.set(observer);
     }
 
     /// Commit counters.
@@ -275,6 +302,7 @@ struct Writer {
     max_group: usize,
     mode: PersistMode,
     stats: Arc<StoreStats>,
+    observer: Arc<OnceLock<Observer>>,
 }
 
 impl Writer {
@@ -315,18 +343,23 @@ impl Writer {
         let mut overlay = Overlay::new();
         let mut batch = self.db.batch().durability(Some(self.mode));
         let mut finishes = Vec::with_capacity(group.len());
+        let mut changes = Vec::new();
         for op in group {
             let mut tx = Tx {
                 ks: &self.ks,
                 overlay: &overlay,
                 staged: Vec::new(),
+                changes: Vec::new(),
                 discard: false,
             };
             // A panicking operation (a bug) must not take the writer thread down with it: its
             // writes are dropped and its caller sees the store error when the reply is dropped.
             let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&mut tx)));
             let Tx {
-                staged, discard, ..
+                staged,
+                discard,
+                changes: changed,
+                ..
             } = tx;
             let Ok(finish) = finish else {
                 tracing::error!("a store operation panicked; its writes were dropped");
@@ -340,6 +373,7 @@ impl Writer {
                     }
                     overlay.insert((ks, key), val);
                 }
+                changes.extend(changed);
             }
             finishes.push(finish);
         }
@@ -350,6 +384,11 @@ impl Writer {
         } else {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats.ops.fetch_add(n, Ordering::Relaxed);
+            if !changes.is_empty()
+                && let Some(observe) = self.observer.get()
+            {
+                observe(&changes);
+            }
         }
         for finish in finishes {
             finish(committed.clone());
@@ -363,6 +402,7 @@ pub struct Tx<'a> {
     ks: &'a Keyspaces,
     overlay: &'a Overlay,
     staged: Vec<(Ks, Vec<u8>, Option<Vec<u8>>)>,
+    changes: Vec<Change>,
     discard: bool,
 }
 
@@ -424,6 +464,12 @@ impl Tx<'_> {
             keys::verification(v.id),
             codec::encode(v)?,
         );
+        self.changes.push(Change {
+            id: v.id,
+            status: v.status,
+            delivery: v.delivery.status,
+            expires_at: v.expires_at,
+        });
         Ok(())
     }
 

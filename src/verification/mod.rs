@@ -166,6 +166,29 @@ pub struct Prefetch {
     pub method: String,
     /// The User-Agent, truncated.
     pub user_agent: Option<String>,
+    /// The client's network ([`network_prefix`]), not its address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// The network a client address belongs to, for telemetry without keeping the address: an
+/// IPv4 address's `/24`, an IPv6 address's `/48` (a site), an IPv4-mapped IPv6 address as IPv4.
+pub fn network_prefix(ip: std::net::IpAddr) -> String {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}/24", Ipv4Addr::new(o[0], o[1], o[2], 0))
+        }
+        IpAddr::V6(v6) => {
+            let masked = u128::from(v6) & (u128::MAX << 80);
+            format!("{}/48", Ipv6Addr::from(masked))
+        }
+    }
 }
 
 /// Most prefetches kept per verification; older ones are dropped (bounded record size).
@@ -525,9 +548,19 @@ mod tests {
                 at: UnixTime(i),
                 method: "GET".into(),
                 user_agent: None,
+                network: None,
             });
         }
         assert_eq!(v.prefetches.len(), MAX_PREFETCHES);
         assert_eq!(v.prefetches[0].at, UnixTime(5));
+    }
+
+    #[test]
+    fn network_prefix_keeps_the_network_not_the_address() {
+        let p = |s: &str| network_prefix(s.parse().expect("ip"));
+        assert_eq!(p("203.0.113.77"), "203.0.113.0/24");
+        assert_eq!(p("2001:db8:1234:5678::9"), "2001:db8:1234::/48");
+        assert_eq!(p("::ffff:198.51.100.9"), "198.51.100.0/24");
+        assert_eq!(p("::1"), "::/48");
     }
 }

@@ -825,7 +825,7 @@ impl Service {
                 "updated_at": c.updated_at.to_rfc3339(),
             })),
             "prefetches": v.prefetches.iter().map(|p| json!({
-                "at": p.at.to_rfc3339(), "method": p.method, "user_agent": p.user_agent,
+                "at": p.at.to_rfc3339(), "method": p.method, "user_agent": p.user_agent, "network": p.network,
             })).collect::<Vec<_>>(),
         })
     }
@@ -1114,12 +1114,14 @@ impl Service {
         id: VerificationId,
         method: &str,
         user_agent: Option<&str>,
+        client: Option<std::net::IpAddr>,
     ) {
         let now = self.now();
         let p = Prefetch {
             at: now,
             method: method.to_string(),
             user_agent: user_agent.map(|u| u.chars().take(MAX_USER_AGENT_LEN).collect()),
+            network: client.map(crate::verification::network_prefix),
         };
         self.0.metrics.prefetches.inc();
         let r = self

@@ -14,3 +14,4 @@ mod http_limits;
 mod ratelimit;
 mod smtp;
 mod verify_flow;
+mod watch;

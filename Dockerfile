@@ -8,15 +8,18 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY static ./static
+COPY openapi ./openapi
 COPY config.example.toml ./
-# The same command CI uses for the release binary.
-RUN cargo build --release --locked --bin verigate
+# Exactly the command CI uses for the release binary (.ci/static.sh checks this line).
+RUN cargo build --release --locked
 
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates=20230311+deb12u1 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home-dir /var/lib/verigate --shell /usr/sbin/nologin verigate \
+    && groupadd --system --gid 10001 verigate \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/verigate --shell /usr/sbin/nologin verigate \
     && mkdir -p /var/lib/verigate /etc/verigate \
     && chown verigate:verigate /var/lib/verigate
 COPY --from=build /src/target/release/verigate /usr/local/bin/verigate

@@ -580,7 +580,13 @@ impl Config {
             f = f.merge(Toml::file_exact(path));
         }
         if sources.env {
-            f = f.merge(Env::prefixed("VERIGATE_").split("__").ignore(&["config"]));
+            // VERIGATE_CONFIG names the file; VERIGATE_LOG is a tracing filter read by the CLI, not
+            // the `[log]` table (VERIGATE_LOG__LEVEL still sets log.level).
+            f = f.merge(
+                Env::prefixed("VERIGATE_")
+                    .split("__")
+                    .ignore(&["config", "log"]),
+            );
         }
         f
     }
@@ -910,6 +916,22 @@ mod tests {
                 Some("12345")
             );
             assert_eq!(c.smtp.port, 2525);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+    fn verigate_log_is_a_filter_not_the_log_table() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("VERIGATE_LOG", "debug,fjall=warn");
+            jail.set_env("VERIGATE_LOG__FORMAT", "json");
+            let c = Config::load(&Sources {
+                file: None,
+                env: true,
+            })
+            .map_err(|e| e.to_string())?;
+            assert_eq!(c.log.format, LogFormat::Json);
             Ok(())
         });
     }

@@ -54,6 +54,9 @@ fn method_not_allowed(allow: &'static str) -> ApiError {
     .with("allow", json!(allow))
 }
 
+/// The OpenAPI 3.1 document of both listeners, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi/openapi.json");
+
 async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -65,6 +68,10 @@ async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
         ),
         (["readyz"], &Method::GET | &Method::HEAD) => ("readyz", Ok(readyz(&state))),
         (["metrics"], &Method::GET) => ("metrics", Ok(metrics(&state).await)),
+        (["openapi.json"], &Method::GET | &Method::HEAD) => (
+            "openapi",
+            Ok(json_text(StatusCode::OK, OPENAPI.to_string())),
+        ),
         (["v1", "verifications"], &Method::POST) => (
             "create",
             match authed(&state, &req) {

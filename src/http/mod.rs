@@ -15,6 +15,7 @@
 //! | POST | `/admin/v1/outbox/{id}/retry` | attempt now, fresh budget |
 //! | DELETE | `/admin/v1/outbox/{id}` | drop an entry |
 //! | GET | `/healthz` `/readyz` `/metrics` | probes and Prometheus (open) |
+//! | GET | `/openapi.json` | the OpenAPI 3.1 document (open) |
 //!
 //! public listener (signed tokens only):
 //!
@@ -207,10 +208,11 @@ impl Listener {
 }
 
 /// Route labels of the api listener (pre-set in metrics so dashboards show zeros, not gaps).
-pub const API_ROUTES: [&str; 14] = [
+pub const API_ROUTES: [&str; 15] = [
     "healthz",
     "readyz",
     "metrics",
+    "openapi",
     "create",
     "check",
     "get",

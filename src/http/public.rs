@@ -55,10 +55,13 @@ async fn route(state: PublicState, req: Request<Incoming>) -> Resp {
         ),
         (["v1", "verifications", id, "watch"], &Method::GET) => {
             let id = id.to_string();
-            with_route(
-                super::watch::handle(service, &state.hub, req, &id).await,
-                "watch",
-            )
+            let mut r = super::watch::handle(service, &state.hub, req, &id).await;
+            // Pages on the app's origin must be able to read refusals too (EventSource).
+            r.headers_mut().insert(
+                hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+            with_route(r, "watch")
         }
         (["static", "verigate-watch.js"], &Method::GET | &Method::HEAD) => {
             let head = req.method() == Method::HEAD;

@@ -15,6 +15,7 @@ use super::{Lane, OutboxEntry, Payload, State};
 use crate::callbacks::{CallbackSender, Signer, give_up};
 use crate::clock::UnixTime;
 use crate::mail::{Composed, parse_mailbox};
+use crate::store::DuePosition;
 use crate::templates::MailContext;
 use crate::verification::service::{Error, Service};
 use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
@@ -23,6 +24,51 @@ use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
 const CLAIM_BATCH: usize = 64;
 /// Longest idle wait between passes when nothing wakes the worker.
 const IDLE_POLL: Duration = Duration::from_millis(500);
+/// A busy worker still rescans its due index from the start this often (an entry whose lease
+/// ran out behind the scan position is found then).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// Where the next scan of the due index starts. Claimed entries leave tombstones at the front
+/// of the index; resuming after the last entry seen skips them (a drain otherwise rescans
+/// every tombstone on every pass: a quarter of the worker's CPU in a 30,000-mail drain).
+/// Anything committed before the position moves it back ([`Store::take_due_low`]).
+///
+/// [`Store::take_due_low`]: crate::store::Store::take_due_low
+#[derive(Debug)]
+struct Cursor {
+    after: Option<DuePosition>,
+    since_full: tokio::time::Instant,
+}
+
+impl Cursor {
+    fn new() -> Self {
+        Cursor {
+            after: None,
+            since_full: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The start of the next scan, given the earliest due time committed since the last one.
+    fn start(&mut self, committed_low: Option<UnixTime>) -> Option<DuePosition> {
+        if self.since_full.elapsed() >= FULL_SCAN_EVERY {
+            self.after = None;
+        }
+        if let (Some(after), Some(low)) = (self.after, committed_low)
+            && low <= after.at
+        {
+            self.after = Some(DuePosition::before(low));
+        }
+        if self.after.is_none() {
+            self.since_full = tokio::time::Instant::now();
+        }
+        self.after
+    }
+
+    /// After a scan that returned `seen` (in index order).
+    fn advance(&mut self, seen: &[DuePosition]) {
+        self.after = seen.last().copied();
+    }
+}
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -88,12 +134,23 @@ pub async fn run(
             n,
         )))
     });
+    let mut cursor = Cursor::new();
     loop {
         if *shutdown.borrow() {
             break;
         }
         let notified = wake.notified();
-        let did = match pass(&service, &transport, &cfg, &sem, pacer.as_ref(), &shutdown).await {
+        let did = match pass(
+            &service,
+            &transport,
+            &cfg,
+            &sem,
+            pacer.as_ref(),
+            &shutdown,
+            &mut cursor,
+        )
+        .await
+        {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "outbox pass failed");
@@ -124,21 +181,38 @@ async fn pass(
     sem: &Arc<tokio::sync::Semaphore>,
     pacer: Option<&Arc<Pacer>>,
     shutdown: &watch::Receiver<bool>,
+    cursor: &mut Cursor,
 ) -> Result<usize, Error> {
     let now = service.now();
     let lane = transport.lane();
-    let ids = service
+    let after = cursor.start(service.store().take_due_low(lane));
+    let seen = service
         .store()
-        .read(move |r| r.due(lane, now, CLAIM_BATCH))
-        .await?;
-    if ids.is_empty() {
+        .read(move |r| r.due(lane, after, now, CLAIM_BATCH))
+        .await;
+    let seen = match seen {
+        Ok(s) => s,
+        Err(e) => {
+            cursor.after = None;
+            return Err(e.into());
+        }
+    };
+    if seen.is_empty() {
+        if after.is_some() {
+            // Nothing after the position: look from the start once before going idle.
+            cursor.after = None;
+            return Ok(1);
+        }
         return Ok(0);
     }
+    cursor.advance(&seen);
+    let ids: Vec<_> = seen.into_iter().map(|p| p.id).collect();
     let lease = cfg.lease;
     let svc = service.clone();
+    // Unsynced: a claim lost in a crash only makes the entry due again (see write_unsynced).
     let claimed = service
         .store()
-        .write(move |tx| -> Result<Vec<Claimed>, Error> {
+        .write_unsynced(move |tx| -> Result<Vec<Claimed>, Error> {
             let mut out = Vec::new();
             for id in ids {
                 let Some(mut e) = tx.outbox(id)? else {
@@ -167,14 +241,9 @@ async fn pass(
                 }
                 e.attempts += 1;
                 e.due_at = now.plus(lease);
+                // Only the entry is written here; the verification learns the attempt count
+                // with the outcome (one record write per claim instead of two).
                 tx.put_outbox(&e)?;
-                let mut v = v;
-                if lane == Lane::Email
-                    && let Some(v) = v.as_mut()
-                {
-                    v.delivery.attempts += 1;
-                    tx.put_verification(v)?;
-                }
                 out.push(Claimed {
                     entry: e,
                     verification: v,
@@ -310,6 +379,9 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
                 return Ok(());
             };
             let mut v = tx.verification(e.verification)?;
+            if let Some(v) = v.as_mut() {
+                v.delivery.attempts = e.attempts;
+            }
             match outcome {
                 Outcome::Delivered => {
                     e.state = State::Delivered;
@@ -502,5 +574,56 @@ fn count_attempt(
         m.delivery_latency
             .with_label_values(&[lane])
             .observe(created_at.until(done_at).as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::MessageId;
+
+    fn pos(at: u64, b: u8) -> DuePosition {
+        DuePosition {
+            at: UnixTime(at),
+            id: MessageId::from_bytes([b; 16]),
+        }
+    }
+
+    #[test]
+    fn cursor_resumes_after_the_last_seen_entry() {
+        let mut c = Cursor::new();
+        assert_eq!(c.start(None), None, "first scan from the start");
+        c.advance(&[pos(10, 1), pos(20, 2)]);
+        assert_eq!(c.start(None), Some(pos(20, 2)));
+        // A commit due later than the position changes nothing.
+        assert_eq!(c.start(Some(UnixTime(25))), Some(pos(20, 2)));
+    }
+
+    #[test]
+    fn cursor_moves_back_before_an_earlier_commit() {
+        let mut c = Cursor::new();
+        c.start(None);
+        c.advance(&[pos(100, 1)]);
+        let start = c.start(Some(UnixTime(40))).expect("a position");
+        assert!(start < pos(40, 0), "{start:?} would skip the key due at 40");
+        assert!(start.at == UnixTime(39));
+        // Equal due time: the new key may sort before the position by id.
+        let mut c = Cursor::new();
+        c.start(None);
+        c.advance(&[pos(100, 9)]);
+        assert_eq!(
+            c.start(Some(UnixTime(100))),
+            Some(DuePosition::before(UnixTime(100)))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cursor_rescans_from_the_start_periodically() {
+        let mut c = Cursor::new();
+        c.start(None);
+        c.advance(&[pos(100, 1)]);
+        assert!(c.start(None).is_some());
+        tokio::time::advance(FULL_SCAN_EVERY).await;
+        assert_eq!(c.start(None), None);
     }
 }

@@ -67,6 +67,25 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// A position in a lane's due index (ordered like the index: time, then id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DuePosition {
+    /// The entry's due time.
+    pub at: UnixTime,
+    /// The entry.
+    pub id: MessageId,
+}
+
+impl DuePosition {
+    /// The position just before every key due at `at`.
+    pub fn before(at: UnixTime) -> Self {
+        DuePosition {
+            at: UnixTime(at.0.saturating_sub(1)),
+            id: MessageId::from_bytes([0xff; 16]),
+        }
+    }
+}
+
 /// Result of store operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -121,7 +140,8 @@ type Finish = Box<dyn FnOnce(Result<(), Arc<Error>>) + Send>;
 type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Finish + Send>;
 
 enum Job {
-    Write(Op),
+    /// An operation, and whether its answer waits for an fsync.
+    Write(Op, bool),
     Stop(oneshot::Sender<()>),
 }
 
@@ -156,6 +176,29 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     stats: Arc<StoreStats>,
     observer: Arc<OnceLock<Observer>>,
+    due_low: Arc<DueLow>,
+}
+
+/// Per lane, the earliest `due_at` committed to the due index since a worker last asked
+/// ([`Store::take_due_low`]): lets a worker resume its scan of the due index where it left
+/// off instead of walking the tombstones of everything it already claimed.
+#[derive(Debug)]
+struct DueLow([AtomicU64; 3]);
+
+impl Default for DueLow {
+    fn default() -> Self {
+        DueLow([
+            AtomicU64::new(u64::MAX),
+            AtomicU64::new(u64::MAX),
+            AtomicU64::new(u64::MAX),
+        ])
+    }
+}
+
+impl DueLow {
+    fn slot(&self, lane: u8) -> Option<&AtomicU64> {
+        self.0.get(usize::from(lane))
+    }
 }
 
 /// Handle to the store; cheap to clone.
@@ -192,8 +235,10 @@ impl Store {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(StoreStats::default());
         let observer = Arc::new(OnceLock::new());
+        let due_low = Arc::new(DueLow::default());
         let writer = Writer {
             observer: observer.clone(),
+            due_low: due_low.clone(),
             db: db.clone(),
             ks: ks.clone(),
             jobs: rx,
@@ -214,7 +259,20 @@ impl Store {
             jobs: tx,
             stats,
             observer,
+            due_low,
         })))
+    }
+
+    /// The earliest `due_at` committed to `lane`'s due index since the last call (`None` when
+    /// nothing was). A worker calls it before each scan: anything committed earlier than its
+    /// resume point makes it scan from there.
+    pub fn take_due_low(&self, lane: Lane) -> Option<UnixTime> {
+        let v = self
+            .0
+            .due_low
+            .slot(lane as u8)?
+            .swap(u64::MAX, Ordering::AcqRel);
+        (v != u64::MAX).then_some(UnixTime(v))
     }
 
     /// Sets the one observer of committed verification changes (the live-status hub). It runs
@@ -240,6 +298,31 @@ impl Store {
         E: From<Error> + Send + 'static,
         F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
+        self.submit(f, true).await
+    }
+
+    /// Like [`Store::write`], but the answer comes once the batch is written to the journal,
+    /// without waiting for an fsync: for writes that a crash may lose without harm because a
+    /// later synced write covers them (journal order), such as an outbox claim — losing one
+    /// only means the entry is due again, which a lost delivery outcome means anyway.
+    ///
+    /// # Errors
+    /// As [`Store::write`].
+    pub async fn write_unsynced<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    async fn submit<R, E, F>(&self, f: F, synced: bool) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel::<Result<R, E>>();
         let op: Op = Box::new(move |tx: &mut Tx<'_>| {
             let r = f(tx);
@@ -256,7 +339,7 @@ impl Store {
         });
         self.0
             .jobs
-            .send(Job::Write(op))
+            .send(Job::Write(op, synced))
             .await
             .map_err(|_| E::from(Error::Closed))?;
         answer.await.map_err(|_| E::from(Error::Closed))?
@@ -303,6 +386,7 @@ struct Writer {
     mode: PersistMode,
     stats: Arc<StoreStats>,
     observer: Arc<OnceLock<Observer>>,
+    due_low: Arc<DueLow>,
 }
 
 impl Writer {
@@ -310,25 +394,32 @@ impl Writer {
         while let Some(first) = self.jobs.blocking_recv() {
             let mut group = Vec::with_capacity(self.max_group.min(64));
             let mut stop = None;
+            let mut sync = false;
             match first {
-                Job::Write(op) => group.push(op),
+                Job::Write(op, synced) => {
+                    sync |= synced;
+                    group.push(op);
+                }
                 Job::Stop(done) => stop = Some(done),
             }
             while stop.is_none() && group.len() < self.max_group {
                 match self.jobs.try_recv() {
-                    Ok(Job::Write(op)) => group.push(op),
+                    Ok(Job::Write(op, synced)) => {
+                        sync |= synced;
+                        group.push(op);
+                    }
                     Ok(Job::Stop(done)) => stop = Some(done),
                     Err(_) => break,
                 }
             }
             if !group.is_empty() {
-                self.commit_group(group);
+                self.commit_group(group, sync);
             }
             if let Some(done) = stop {
                 self.jobs.close();
                 // Fail whatever raced in after the stop.
                 while let Ok(job) = self.jobs.try_recv() {
-                    if let Job::Write(op) = job {
+                    if let Job::Write(op, _) = job {
                         drop(op);
                     }
                 }
@@ -339,17 +430,22 @@ impl Writer {
         }
     }
 
-    fn commit_group(&self, group: Vec<Op>) {
+    /// Commits a group as one batch; fsynced when any of its operations asked for it.
+    fn commit_group(&self, group: Vec<Op>, sync: bool) {
         let mut overlay = Overlay::new();
-        let mut batch = self.db.batch().durability(Some(self.mode));
+        // Buffer: handed to the OS (survives a crash of the process), not yet fsynced.
+        let mode = if sync { self.mode } else { PersistMode::Buffer };
+        let mut batch = self.db.batch().durability(Some(mode));
         let mut finishes = Vec::with_capacity(group.len());
         let mut changes = Vec::new();
+        let mut due: Vec<(u8, UnixTime)> = Vec::new();
         for op in group {
             let mut tx = Tx {
                 ks: &self.ks,
                 overlay: &overlay,
                 staged: Vec::new(),
                 changes: Vec::new(),
+                due: Vec::new(),
                 discard: false,
             };
             // A panicking operation (a bug) must not take the writer thread down with it: its
@@ -359,6 +455,7 @@ impl Writer {
                 staged,
                 discard,
                 changes: changed,
+                due: due_keys,
                 ..
             } = tx;
             let Ok(finish) = finish else {
@@ -374,6 +471,7 @@ impl Writer {
                     overlay.insert((ks, key), val);
                 }
                 changes.extend(changed);
+                due.extend(due_keys);
             }
             finishes.push(finish);
         }
@@ -384,6 +482,12 @@ impl Writer {
         } else {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats.ops.fetch_add(n, Ordering::Relaxed);
+            // Only after the commit: a worker that saw the mark must find the key.
+            for (lane, at) in due {
+                if let Some(slot) = self.due_low.slot(lane) {
+                    slot.fetch_min(at.0, Ordering::AcqRel);
+                }
+            }
             if !changes.is_empty()
                 && let Some(observe) = self.observer.get()
             {
@@ -403,6 +507,7 @@ pub struct Tx<'a> {
     overlay: &'a Overlay,
     staged: Vec<(Ks, Vec<u8>, Option<Vec<u8>>)>,
     changes: Vec<Change>,
+    due: Vec<(u8, UnixTime)>,
     discard: bool,
 }
 
@@ -572,6 +677,7 @@ impl Tx<'_> {
                 keys::outbox_due(e.lane() as u8, e.due_at, e.id),
                 Vec::new(),
             );
+            self.due.push((e.lane() as u8, e.due_at));
         }
         self.put_raw(Ks::Outbox, keys::outbox(e.id), codec::encode(e)?);
         Ok(())
@@ -651,18 +757,37 @@ impl Reader {
         Ok(out)
     }
 
-    /// Outbox entries of `lane` due at or before `now`, earliest first.
+    /// Outbox entries of `lane` due at or before `now`, earliest first, starting after the
+    /// index position `after` (`None`: from the start).
     ///
     /// # Errors
     /// Engine failure.
-    pub fn due(&self, lane: Lane, now: UnixTime, limit: usize) -> Result<Vec<MessageId>> {
-        let start = keys::outbox_due(lane as u8, UnixTime(0), MessageId::from_bytes([0; 16]));
-        let end = keys::outbox_due(lane as u8, now, MessageId::from_bytes([0xff; 16]));
+    pub fn due(
+        &self,
+        lane: Lane,
+        after: Option<DuePosition>,
+        now: UnixTime,
+        limit: usize,
+    ) -> Result<Vec<DuePosition>> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(p) => Bound::Excluded(keys::outbox_due(lane as u8, p.at, p.id)),
+            None => Bound::Included(keys::outbox_due(
+                lane as u8,
+                UnixTime(0),
+                MessageId::from_bytes([0; 16]),
+            )),
+        };
+        let end = Bound::Included(keys::outbox_due(
+            lane as u8,
+            now,
+            MessageId::from_bytes([0xff; 16]),
+        ));
         let mut out = Vec::new();
-        for g in self.ks.outbox_due.range(start..=end) {
+        for g in self.ks.outbox_due.range::<Vec<u8>, _>((start, end)) {
             let k = g.key()?;
-            if let Some((_, _, id)) = keys::parse_outbox_due(&k) {
-                out.push(id);
+            if let Some((_, at, id)) = keys::parse_outbox_due(&k) {
+                out.push(DuePosition { at, id });
             }
             if out.len() >= limit {
                 break;

@@ -623,3 +623,50 @@ async fn every_metric_the_dashboard_queries_is_exposed_from_start_up() {
         assert!(m.contains(n.as_str()), "{n} missing from /metrics");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_names_every_route() {
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .send(Method::GET, &format!("{}/openapi.json", app.api), &[], "")
+        .await;
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        doc["openapi"]
+    );
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .expect("openapi/openapi.json"),
+    )
+    .expect("valid JSON");
+    assert_eq!(doc, on_disk, "served document differs from the file");
+    let paths = doc["paths"].as_object().expect("paths");
+    for p in [
+        "/v1/verifications",
+        "/v1/verifications/check",
+        "/v1/verifications/{id}",
+        "/v1/verifications/{id}/resend",
+        "/v1/verifications/{id}/watch",
+        "/v1/addresses/validate",
+        "/admin/v1/outbox",
+        "/admin/v1/outbox/{id}",
+        "/admin/v1/outbox/{id}/retry",
+        "/v/{token}",
+        "/static/verigate-watch.js",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(
+            paths.contains_key(p),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+}

@@ -370,12 +370,20 @@ async fn metrics(state: &ApiState) -> Resp {
     let m = service.metrics().clone();
     let now = service.now();
     // Gauges that describe the store are computed at scrape time.
+    let counts = [Lane::Email, Lane::Callback].map(|l| service.store().scheduled(l));
     let depth = service
         .store()
         .read(move |r| {
             let mut out = Vec::new();
-            for (lane, label) in [(Lane::Email, "email"), (Lane::Callback, "callback")] {
-                let n = r.scheduled_count(lane)?;
+            for (i, (lane, label)) in [(Lane::Email, "email"), (Lane::Callback, "callback")]
+                .into_iter()
+                .enumerate()
+            {
+                // The live count; a scan only while the count taken at open is running.
+                let n = match counts[i] {
+                    Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                    None => r.scheduled_count(lane)?,
+                };
                 let oldest = r
                     .next_due(lane)?
                     .map(|at| at.until(now).as_secs())

@@ -25,10 +25,10 @@ pub mod keys;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -177,6 +177,7 @@ struct Inner {
     stats: Arc<StoreStats>,
     observer: Arc<OnceLock<Observer>>,
     due_low: Arc<DueLow>,
+    due_count: Arc<DueCount>,
 }
 
 /// Per lane, the earliest `due_at` committed to the due index since a worker last asked
@@ -193,6 +194,14 @@ impl Default for DueLow {
             AtomicU64::new(u64::MAX),
         ])
     }
+}
+
+/// Scheduled entries per lane, kept by the writer (deltas after each commit) on top of a count
+/// of the index taken once at open from a snapshot, so `/metrics` does not scan the index.
+#[derive(Debug, Default)]
+struct DueCount {
+    n: [AtomicI64; 3],
+    counted: AtomicBool,
 }
 
 impl DueLow {
@@ -236,7 +245,28 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         let observer = Arc::new(OnceLock::new());
         let due_low = Arc::new(DueLow::default());
+        let due_count = Arc::new(DueCount::default());
+        {
+            // The snapshot is taken before the writer starts: counting it and adding the
+            // writer's deltas gives the exact number, whenever the count finishes.
+            let snap = db.snapshot();
+            let index = ks.outbox_due.clone();
+            let counts = due_count.clone();
+            std::thread::Builder::new()
+                .name("verigate-count".into())
+                .spawn(move || {
+                    for lane in [Lane::Email, Lane::Callback] {
+                        let n = snap.prefix(&index, [lane as u8]).count();
+                        if let Some(slot) = counts.n.get(lane as usize) {
+                            slot.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
+                        }
+                    }
+                    counts.counted.store(true, Ordering::Release);
+                })
+                .map_err(Error::Setup)?;
+        }
         let writer = Writer {
+            due_count: due_count.clone(),
             observer: observer.clone(),
             due_low: due_low.clone(),
             db: db.clone(),
@@ -260,7 +290,19 @@ impl Store {
             stats,
             observer,
             due_low,
+            due_count,
         })))
+    }
+
+    /// Scheduled entries in `lane`, without a scan; `None` until the count taken at open is
+    /// done (a second or so with a million entries).
+    pub fn scheduled(&self, lane: Lane) -> Option<u64> {
+        let c = &self.0.due_count;
+        if !c.counted.load(Ordering::Acquire) {
+            return None;
+        }
+        let n = c.n.get(lane as usize)?.load(Ordering::Acquire);
+        Some(u64::try_from(n).unwrap_or(0))
     }
 
     /// The earliest `due_at` committed to `lane`'s due index since the last call (`None` when
@@ -387,6 +429,7 @@ struct Writer {
     stats: Arc<StoreStats>,
     observer: Arc<OnceLock<Observer>>,
     due_low: Arc<DueLow>,
+    due_count: Arc<DueCount>,
 }
 
 impl Writer {
@@ -439,6 +482,7 @@ impl Writer {
         let mut finishes = Vec::with_capacity(group.len());
         let mut changes = Vec::new();
         let mut due: Vec<(u8, UnixTime)> = Vec::new();
+        let mut deltas = [0i64; 3];
         for op in group {
             let mut tx = Tx {
                 ks: &self.ks,
@@ -446,6 +490,7 @@ impl Writer {
                 staged: Vec::new(),
                 changes: Vec::new(),
                 due: Vec::new(),
+                due_delta: [0; 3],
                 discard: false,
             };
             // A panicking operation (a bug) must not take the writer thread down with it: its
@@ -456,6 +501,7 @@ impl Writer {
                 discard,
                 changes: changed,
                 due: due_keys,
+                due_delta: delta,
                 ..
             } = tx;
             let Ok(finish) = finish else {
@@ -472,6 +518,9 @@ impl Writer {
                 }
                 changes.extend(changed);
                 due.extend(due_keys);
+                for (sum, d) in deltas.iter_mut().zip(delta) {
+                    *sum += d;
+                }
             }
             finishes.push(finish);
         }
@@ -482,6 +531,11 @@ impl Writer {
         } else {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats.ops.fetch_add(n, Ordering::Relaxed);
+            for (slot, d) in self.due_count.n.iter().zip(deltas) {
+                if d != 0 {
+                    slot.fetch_add(d, Ordering::AcqRel);
+                }
+            }
             // Only after the commit: a worker that saw the mark must find the key.
             for (lane, at) in due {
                 if let Some(slot) = self.due_low.slot(lane) {
@@ -508,6 +562,7 @@ pub struct Tx<'a> {
     staged: Vec<(Ks, Vec<u8>, Option<Vec<u8>>)>,
     changes: Vec<Change>,
     due: Vec<(u8, UnixTime)>,
+    due_delta: [i64; 3],
     discard: bool,
 }
 
@@ -529,6 +584,12 @@ impl Tx<'_> {
             return Ok(v.clone());
         }
         Ok(self.ks.get(ks).get(key)?.map(|s| s.to_vec()))
+    }
+
+    fn count_due(&mut self, lane: Lane, d: i64) {
+        if let Some(x) = self.due_delta.get_mut(lane as usize) {
+            *x += d;
+        }
     }
 
     fn put_raw(&mut self, ks: Ks, key: Vec<u8>, val: Vec<u8>) {
@@ -670,6 +731,7 @@ impl Tx<'_> {
                 Ks::OutboxDue,
                 keys::outbox_due(p.lane() as u8, p.due_at, p.id),
             );
+            self.count_due(p.lane(), -1);
         }
         if e.is_due_indexed() {
             self.put_raw(
@@ -678,6 +740,7 @@ impl Tx<'_> {
                 Vec::new(),
             );
             self.due.push((e.lane() as u8, e.due_at));
+            self.count_due(e.lane(), 1);
         }
         self.put_raw(Ks::Outbox, keys::outbox(e.id), codec::encode(e)?);
         Ok(())
@@ -696,6 +759,7 @@ impl Tx<'_> {
                 Ks::OutboxDue,
                 keys::outbox_due(p.lane() as u8, p.due_at, p.id),
             );
+            self.count_due(p.lane(), -1);
         }
         self.del_raw(Ks::Outbox, keys::outbox(id));
         Ok(true)
@@ -978,6 +1042,111 @@ mod tests {
                 .current("app", "p", "after@x")
                 .expect("read")
                 .is_some()
+        );
+    }
+
+    fn mail(i: u8, due: u64) -> OutboxEntry {
+        let mut e = OutboxEntry::new(
+            MessageId::from_bytes([i; 16]),
+            VerificationId::from_bytes([i; 16]),
+            "app",
+            UnixTime(due),
+            crate::outbox::Payload::Email(crate::outbox::EmailJob {
+                message_id: format!("m{i}@x"),
+                from: "a@x".into(),
+                to: "b@x".into(),
+                envelope_to: "b@x".into(),
+            }),
+        );
+        e.due_at = UnixTime(due);
+        e
+    }
+
+    async fn wait_counted(store: &Store) -> u64 {
+        for _ in 0..500 {
+            if let Some(n) = store.scheduled(Lane::Email) {
+                return n;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        panic!("the count at open never finished");
+    }
+
+    #[tokio::test]
+    async fn scheduled_count_follows_commits_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+        assert_eq!(wait_counted(&store).await, 0);
+        store
+            .write(|tx| -> Result<(), Error> {
+                for i in 0..10 {
+                    tx.put_outbox(&mail(i, 1_000 + u64::from(i)))?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("write");
+        // Rescheduling keeps the count; delivering and deleting lower it; a failed op counts nothing.
+        store
+            .write(|tx| -> Result<(), Error> {
+                let mut e = mail(0, 5_000);
+                e.attempts = 1;
+                tx.put_outbox(&e)?;
+                let mut d = mail(1, 1_001);
+                d.state = crate::outbox::State::Delivered;
+                tx.put_outbox(&d)?;
+                tx.delete_outbox(MessageId::from_bytes([2; 16]))?;
+                Ok(())
+            })
+            .await
+            .expect("write");
+        let r: Result<(), TestError> = store
+            .write(|tx| {
+                tx.put_outbox(&mail(50, 9))?;
+                Err(TestError::Refused)
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(store.scheduled(Lane::Email), Some(8));
+        assert_eq!(
+            store.reader().scheduled_count(Lane::Email).expect("scan"),
+            8
+        );
+        assert_eq!(store.scheduled(Lane::Callback), Some(0));
+        store.close().await;
+        drop(store);
+        let again = Store::open(dir.path(), &StoreConfig::default()).expect("reopen");
+        assert_eq!(wait_counted(&again).await, 8);
+    }
+
+    #[tokio::test]
+    async fn due_scans_resume_after_a_position() {
+        let (_dir, store) = open();
+        store
+            .write(|tx| -> Result<(), Error> {
+                for i in 0..5 {
+                    tx.put_outbox(&mail(i, 100 + u64::from(i)))?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("write");
+        assert_eq!(store.take_due_low(Lane::Email), Some(UnixTime(100)));
+        assert_eq!(store.take_due_low(Lane::Email), None, "taken");
+        let r = store.reader();
+        let first = r.due(Lane::Email, None, UnixTime(1_000), 2).expect("due");
+        assert_eq!(first.len(), 2);
+        let rest = r
+            .due(Lane::Email, first.last().copied(), UnixTime(1_000), 10)
+            .expect("due");
+        let ids: Vec<_> = rest.iter().map(|p| p.at.0).collect();
+        assert_eq!(ids, vec![102, 103, 104]);
+        // Not yet due ones are left out.
+        assert_eq!(
+            r.due(Lane::Email, None, UnixTime(101), 10)
+                .expect("due")
+                .len(),
+            2
         );
     }
 

@@ -802,17 +802,28 @@ impl Reader {
             .map(VerificationId::from_bytes))
     }
 
-    /// Pending verifications whose `expires_at` is at or before `now`, oldest first.
+    /// Pending verifications whose `expires_at` is at or before `now`, oldest first, after
+    /// the index position `after` (`None`: from the start).
     ///
     /// # Errors
     /// Engine failure.
-    pub fn expired_by(&self, now: UnixTime, limit: usize) -> Result<Vec<VerificationId>> {
-        let end = keys::expiry(now, VerificationId::from_bytes([0xff; 16]));
+    pub fn expired_by(
+        &self,
+        after: Option<(UnixTime, VerificationId)>,
+        now: UnixTime,
+        limit: usize,
+    ) -> Result<Vec<(UnixTime, VerificationId)>> {
+        use std::ops::Bound;
+        let start = match after {
+            Some((at, id)) => Bound::Excluded(keys::expiry(at, id)),
+            None => Bound::Unbounded,
+        };
+        let end = Bound::Included(keys::expiry(now, VerificationId::from_bytes([0xff; 16])));
         let mut out = Vec::new();
-        for g in self.ks.expiry.range(..=end) {
+        for g in self.ks.expiry.range::<Vec<u8>, _>((start, end)) {
             let k = g.key()?;
-            if let Some((_, id)) = keys::parse_expiry(&k) {
-                out.push(id);
+            if let Some(x) = keys::parse_expiry(&k) {
+                out.push(x);
             }
             if out.len() >= limit {
                 break;

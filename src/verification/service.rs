@@ -42,6 +42,18 @@ const MAX_REDIRECT_URL_LEN: usize = 2048;
 const MAX_USER_AGENT_LEN: usize = 256;
 /// Expired verifications handled per sweep.
 const SWEEP_BATCH: usize = 512;
+/// The sweeper resumes behind the time it last swept up to, less this margin (a create whose
+/// commit took longer than its ttl is still found); every [`FULL_SWEEP_EVERY`] it starts over.
+const SWEEP_MARGIN: Duration = Duration::from_secs(5);
+/// How often the sweeper scans the expiry index from its start (it otherwise skips the
+/// tombstones of verifications that ended before expiring).
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Where the next expiry sweep starts.
+struct SweepPosition {
+    after: Option<(UnixTime, VerificationId)>,
+    full_at: std::time::Instant,
+}
 
 /// Why a request could not be served. The HTTP layer maps each to a status and stable code.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +217,7 @@ struct Inner {
     address_options: address::Options,
     disposable: Option<address::DisposableDomains>,
     dkim: Option<Arc<crate::dkim::Signer>>,
+    sweep: std::sync::Mutex<SweepPosition>,
 }
 
 /// Everything the service is built from.
@@ -347,6 +360,10 @@ impl Service {
             address_options: p.address_options,
             disposable: p.disposable,
             dkim: p.dkim,
+            sweep: std::sync::Mutex::new(SweepPosition {
+                after: None,
+                full_at: std::time::Instant::now(),
+            }),
         }))
     }
 
@@ -1201,11 +1218,43 @@ impl Service {
     /// A store failure.
     pub async fn sweep_expired(&self) -> Result<usize> {
         let now = self.now();
-        let ids = self
+        let after = {
+            let mut p = self
+                .0
+                .sweep
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if p.full_at.elapsed() >= FULL_SWEEP_EVERY {
+                p.after = None;
+                p.full_at = std::time::Instant::now();
+            }
+            p.after
+        };
+        let found = self
             .0
             .store
-            .read(move |r| r.expired_by(now, SWEEP_BATCH))
+            .read(move |r| r.expired_by(after, now, SWEEP_BATCH))
             .await?;
+        {
+            let mut p = self
+                .0
+                .sweep
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            p.after = if found.len() >= SWEEP_BATCH {
+                found.last().copied()
+            } else {
+                // Everything due by `now` was seen: resume near it, not at the start.
+                let at =
+                    UnixTime(now.0.saturating_sub(
+                        u64::try_from(SWEEP_MARGIN.as_millis()).unwrap_or(u64::MAX),
+                    ));
+                Some((at, VerificationId::from_bytes([0xff; 16])))
+                    .filter(|(a, _)| after.is_none_or(|(b, _)| *a >= b))
+                    .or(after)
+            };
+        }
+        let ids: Vec<VerificationId> = found.into_iter().map(|(_, id)| id).collect();
         if ids.is_empty() {
             return Ok(0);
         }

@@ -24,9 +24,10 @@ use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
 const CLAIM_BATCH: usize = 64;
 /// Longest idle wait between passes when nothing wakes the worker.
 const IDLE_POLL: Duration = Duration::from_millis(500);
-/// A busy worker still rescans its due index from the start this often (an entry whose lease
-/// ran out behind the scan position is found then).
-const FULL_SCAN_EVERY: Duration = Duration::from_secs(5);
+/// A safety net: the worker rescans its due index from the start this often. (The position
+/// never passes an unclaimed entry: leased entries move to the end of their lease, which is
+/// ahead of it, and anything committed behind it moves it back.)
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
 
 /// Where the next scan of the due index starts. Claimed entries leave tombstones at the front
 /// of the index; resuming after the last entry seen skips them (a drain otherwise rescans
@@ -198,13 +199,9 @@ async fn pass(
         }
     };
     if seen.is_empty() {
-        if after.is_some() {
-            // Nothing after the position: look from the start once before going idle.
-            cursor.after = None;
-            return Ok(1);
-        }
         return Ok(0);
     }
+    let resume = cursor.after;
     cursor.advance(&seen);
     let ids: Vec<_> = seen.into_iter().map(|p| p.id).collect();
     let lease = cfg.lease;
@@ -251,7 +248,15 @@ async fn pass(
             }
             Ok(out)
         })
-        .await?;
+        .await;
+    let claimed = match claimed {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing was claimed: scan these entries again next time.
+            cursor.after = resume;
+            return Err(e);
+        }
+    };
     let n = claimed.len();
     for c in claimed {
         // On shutdown, entries claimed but not started keep their lease and are claimed again

@@ -373,6 +373,19 @@ impl Service {
     }
 
     /// Wakes the outbox workers (new or rescheduled entries in either lane).
+    /// Wakes the outbox workers when `app` takes callbacks (a state change may have queued
+    /// one); other apps' confirms and checks queue nothing, so they wake nobody.
+    pub fn wake_for_callbacks(&self, app: &str) {
+        if self
+            .0
+            .apps
+            .get(app)
+            .is_some_and(|a| a.config.callback_url.is_some())
+        {
+            self.wake_mail();
+        }
+    }
+
     pub fn wake_mail(&self) {
         self.0.mail_ready.notify_waiters();
     }
@@ -963,7 +976,7 @@ impl Service {
             Err(Error::NotFound) => return Err(self.check_not_found()),
             Err(e) => return Err(e),
         };
-        self.wake_mail();
+        self.wake_for_callbacks(&v.app);
         let m = &self.0.metrics;
         let result = |r: &str| m.code_checks.with_label_values(&[r]).inc();
         match outcome {
@@ -1197,7 +1210,7 @@ impl Service {
         let Some((v, r)) = r else {
             return Ok(LinkView::Invalid);
         };
-        self.wake_mail();
+        self.wake_for_callbacks(&v.app);
         match r {
             LinkConfirm::Verified { first: true } => self.0.metrics.event("verified", v.method),
             LinkConfirm::Expired { first: true } => self.0.metrics.event("expired", v.method),

@@ -456,6 +456,10 @@ pub struct StoreConfig {
     /// Largest in-memory table per keyspace before it is flushed to disk, MiB; bounds memory
     /// under a write burst (six keyspaces). Default 8.
     pub memtable_mib: u64,
+    /// fjall's background threads (memtable flushes, compactions). Default 1: with more, fjall
+    /// hands compaction requests back and forth between its workers, which kept a core busy
+    /// under a create burst on two cores.
+    pub worker_threads: usize,
 }
 
 impl Default for StoreConfig {
@@ -465,6 +469,7 @@ impl Default for StoreConfig {
             max_group: 512,
             cache_mib: 16,
             memtable_mib: 8,
+            worker_threads: 1,
         }
     }
 }

@@ -230,6 +230,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(Error::Setup)?;
         let db = Database::builder(dir.join("db"))
             .cache_size(cfg.cache_mib.saturating_mul(1 << 20))
+            .worker_threads(cfg.worker_threads.max(1))
             .open()?;
         let memtable = cfg.memtable_mib.max(1).saturating_mul(1 << 20);
         let opts = || KeyspaceCreateOptions::default().max_memtable_size(memtable);

@@ -9,6 +9,9 @@
 //! Routes:
 //! - `POST /v1/verifications` → 202 `{"id", "status": "pending", "email"}`
 //! - `POST /v1/verifications/check` → 200 `{"status": "verified", "id"}`
+//! - `GET /v1/verifications/{id}` → 200 `{"id", "status": "pending", "method": "link"}`
+//! - `POST /v/{token}` (the confirm button) → 200, a short static HTML page; the body, if any,
+//!   is read and ignored
 //! - `GET /healthz` → 200 `{"status": "ok"}`
 //! - a body that is not JSON → 400; anything else → 404.
 
@@ -46,6 +49,11 @@ fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     reply(status, &json!({"error": {"code": code, "message": code}}))
 }
+
+/// The page `POST /v/{token}` answers with: static, where verigate renders a template.
+const CONFIRMED_PAGE: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<title>Email address confirmed</title></head><body><p>Your email address is confirmed.</p>\
+</body></html>";
 
 /// Reads and parses the body; `Err` is the response to send instead.
 async fn json_body(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>>> {
@@ -86,6 +94,25 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             }
             Err(r) => r,
         },
+        (&Method::GET, p) if p.starts_with("/v1/verifications/") => {
+            let id = &p["/v1/verifications/".len()..];
+            reply(
+                StatusCode::OK,
+                &json!({"id": id, "status": "pending", "method": "link"}),
+            )
+        }
+        (&Method::POST, p) if p.starts_with("/v/") => {
+            // Read the (empty) form body as a server must, then a fixed page.
+            let _ = Limited::new(req.into_body(), MAX_BODY_BYTES)
+                .collect()
+                .await;
+            let mut r = Response::new(Full::new(Bytes::from_static(CONFIRMED_PAGE.as_bytes())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
         _ => error(StatusCode::NOT_FOUND, "not_found"),
     };
     Ok(resp)

@@ -3,8 +3,7 @@
 # Postfix's smtp-source against the same sink as the ceiling ("Measure" item of the delivery
 # issue: verigate's msgs/s as a fraction of smtp-source's; target >= 50%).
 #
-#   benches/delivery.sh                         # N=10000, workers 4 8 16: ~5.5 min after the build
-#                                               # today (each mail waits ~43 ms, README); < 1 min without
+#   benches/delivery.sh                         # N=10000, workers 4 8 16: about a minute after the build
 #   N=20000 WORKERS_LIST="4 16" benches/delivery.sh
 #   SKIP_BUILD=1 KEEP_TMP=1 LIVE=0 benches/delivery.sh
 #
@@ -58,11 +57,12 @@
 #   PACED_RATE [100]  PACED_SECONDS [8]    the pacing check (and the mail size; >= 3 s)
 #   LIVE [1]  LIVE_WORKERS [4]             the create+deliver run
 #   KEEP_TMP [0]  SKIP_BUILD [0]
+#   RESULTS_FILE []  also append the figures as `delivery.<key>=<value>` lines to this file
 #   VG_BINARY []  run this executable instead of building (e.g. another build, or a wrapper
 #                 that execs one with a different environment); used in place, not copied
 # (No knob starts with VERIGATE_: the daemon reads those as configuration and rejects unknown ones.)
-# A drain of N mails at W workers takes about N / (23 * W) s while each mail waits ~43 ms: keep
-# that under DRAIN_TIMEOUT.
+# A drain takes seconds; DRAIN_TIMEOUT bounds a broken one (e.g. the old ~43 ms Nagle stall per
+# mail, which would make it N / (23 * W) s).
 set -euo pipefail
 
 N=${N:-10000}
@@ -86,6 +86,7 @@ LIVE_WORKERS=${LIVE_WORKERS:-4}
 KEEP_TMP=${KEEP_TMP:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 VG_BINARY=${VG_BINARY:-}
+RESULTS_FILE=${RESULTS_FILE:-}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -676,4 +677,30 @@ if grep -qiE 'error|panic' "$TMP"/verigate-*.log 2>/dev/null; then
 fi
 if [[ "$KEEP_TMP" == 1 ]]; then
     echo "raw data (configs, logs, /metrics per run, sink traces): $TMP"
+fi
+
+# Machine-readable (benches/run.sh): one line per figure.
+if [[ -n "$RESULTS_FILE" ]]; then
+    {
+        echo "delivery.n=$N"
+        echo "delivery.backlog=$BACKLOG"
+        echo "delivery.size=$SIZE"
+        echo "delivery.workers_list=$WORKERS_LIST"
+        echo "delivery.fsync_start=$FSYNC"
+        echo "delivery.fsync_end=$FSYNC_END"
+        for w in $WORKERS_LIST; do
+            for k in rate secs src_cpu sink_cpu; do echo "delivery.src$w.$k=${R[src$w.$k]}"; done
+            for k in rate msgs secs status vg_cpu vg_us sink_cpu other machine delivered retry failed dropped \
+                conns commits ops send_ms rss hwm writer_cpu; do
+                echo "delivery.vg$w.$k=${R[vg$w.$k]:-}"
+            done
+            echo "delivery.vg$w.ratio=$(calc "printf \"%.3f\", ${R[vg$w.rate]} / ${R[src$w.rate]}")"
+        done
+        echo "delivery.src_noreuse.rate=${R[src-noreuse.rate]}"
+        echo "delivery.paced.skip_rate=${R[paced.skip_rate]}"
+        if [[ "$LIVE" == 1 ]]; then
+            for k in create_rate during_rate after_rate e2e_secs e2e_rate delivered; do echo "delivery.live.$k=${R[live.$k]}"; done
+        fi
+        echo "delivery.settings=N=$N WORKERS_LIST=\"$WORKERS_LIST\" METHOD=$METHOD LIVE=$LIVE PACED_RATE=$PACED_RATE PACED_SECONDS=$PACED_SECONDS"
+    } >>"$RESULTS_FILE"
 fi

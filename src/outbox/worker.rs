@@ -280,9 +280,15 @@ async fn pass(
         } else {
             None
         };
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             if let Some(p) = pacer {
-                p.until_ready().await;
+                // Waiting for a pacing cell is not a delivery in progress: on shutdown the
+                // entry keeps its lease and is claimed again after the restart.
+                tokio::select! {
+                    () = p.until_ready() => {}
+                    _ = stop.changed() => return,
+                }
             }
             match &transport {
                 Deliverer::Mail(t) => deliver(&service, t, retry, c).await,

@@ -45,6 +45,16 @@ pub fn router(state: ApiState) -> Router {
     })
 }
 
+/// Errors of the admin outbox endpoints: a missing entry is named as such.
+fn outbox_error(e: crate::verification::service::Error) -> ApiError {
+    match e {
+        crate::verification::service::Error::NotFound => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such outbox entry.")
+        }
+        other => ApiError::from(other),
+    }
+}
+
 fn method_not_allowed(allow: &'static str) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -150,7 +160,7 @@ async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
                 Ok(app) => admin::show(&state.service, &app.id, id)
                     .await
                     .map(|b| json(StatusCode::OK, &b))
-                    .map_err(ApiError::from),
+                    .map_err(outbox_error),
                 Err(e) => Err(e),
             },
         ),
@@ -160,7 +170,7 @@ async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
                 Ok(app) => admin::drop_entry(&state.service, &app.id, id)
                     .await
                     .map(|b| json(StatusCode::OK, &b))
-                    .map_err(ApiError::from),
+                    .map_err(outbox_error),
                 Err(e) => Err(e),
             },
         ),
@@ -173,7 +183,7 @@ async fn route(state: ApiState, req: Request<Incoming>) -> Resp {
                 Ok(app) => admin::retry(&state.service, &app.id, id)
                     .await
                     .map(|b| json(StatusCode::OK, &b))
-                    .map_err(ApiError::from),
+                    .map_err(outbox_error),
                 Err(e) => Err(e),
             },
         ),

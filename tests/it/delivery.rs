@@ -146,6 +146,17 @@ async fn a_550_fails_for_good_and_queues_the_delivery_failed_callback() {
         .expect("callback entry");
     assert_eq!(cb["detail"]["event"], "verification.delivery_failed");
     assert_eq!(cb["verification_id"], id.as_str());
+    // An unknown entry is named as an outbox entry, not a verification.
+    let missing = app
+        .api_call(
+            Method::GET,
+            "/admin/v1/outbox/msg_01M814RRFAPFKDHXYJC8B5NE78",
+            KEY,
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"]["message"], "No such outbox entry.");
 }
 
 #[tokio::test]

@@ -56,7 +56,8 @@ async fn route(state: PublicState, req: Request<Incoming>) -> Resp {
         (["v1", "verifications", id, "watch"], &Method::GET) => {
             let id = id.to_string();
             let mut r = super::watch::handle(service, &state.hub, req, &id).await;
-            // Pages on the app's origin must be able to read refusals too (EventSource).
+            // The page is on the app's origin and the token is the credential (no cookies):
+            // any origin may read the stream and its refusals (EventSource).
             r.headers_mut().insert(
                 hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
                 HeaderValue::from_static("*"),

@@ -22,9 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
-use hyper::header::{
-    ACCEPT, ACCESS_CONTROL_ALLOW_ORIGIN, CACHE_CONTROL, CONTENT_TYPE, HeaderValue, UPGRADE,
-};
+use hyper::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -195,10 +193,7 @@ pub async fn handle(service: &Service, hub: &Hub, mut req: Request<Incoming>, id
     };
     let feed = Feed::new(service.clone(), hub, sub, current);
     if websocket {
-        let cfg = WebSocketConfig::default()
-            .max_message_size(Some(MAX_CLIENT_MESSAGE))
-            .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-        match hyper_tungstenite::upgrade(&mut req, Some(cfg)) {
+        match hyper_tungstenite::upgrade(&mut req, Some(ws_config())) {
             Ok((resp, upgrade)) => {
                 let hub = hub.clone();
                 tokio::spawn(async move { run_websocket(upgrade, feed, hub).await });
@@ -219,12 +214,18 @@ pub async fn handle(service: &Service, hub: &Hub, mut req: Request<Incoming>, id
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        // The page is on the app's origin; the token is the credential (no cookies).
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        // Access-Control-Allow-Origin is set on every watch answer by the public router.
         // Tell nginx-style proxies not to buffer the stream.
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         r
     }
+}
+
+/// Our side of every watch socket: client messages are bounded (they have nothing to say).
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
 
 fn too_many(refused: Refused) -> Resp {
@@ -245,10 +246,7 @@ fn refuse(req: &mut Request<Incoming>, websocket: bool, denied: Denied) -> Resp 
     if !websocket {
         return denied.into_response();
     }
-    let cfg = WebSocketConfig::default()
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    match hyper_tungstenite::upgrade(req, Some(cfg)) {
+    match hyper_tungstenite::upgrade(req, Some(ws_config())) {
         Ok((resp, upgrade)) => {
             tokio::spawn(async move {
                 if let Ok(Ok(ws)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {

@@ -376,14 +376,17 @@ impl Service {
     /// Wakes the outbox workers when `app` takes callbacks (a state change may have queued
     /// one); other apps' confirms and checks queue nothing, so they wake nobody.
     pub fn wake_for_callbacks(&self, app: &str) {
-        if self
-            .0
+        if self.takes_callbacks(app) {
+            self.wake_mail();
+        }
+    }
+
+    /// Whether `app` has a callback URL (events for it are queued as callbacks).
+    fn takes_callbacks(&self, app: &str) -> bool {
+        self.0
             .apps
             .get(app)
             .is_some_and(|a| a.config.callback_url.is_some())
-        {
-            self.wake_mail();
-        }
     }
 
     pub fn wake_mail(&self) {
@@ -787,10 +790,7 @@ impl Service {
         event: &str,
         now: UnixTime,
     ) -> store::Result<()> {
-        let Some(app) = self.0.apps.get(&v.app) else {
-            return Ok(());
-        };
-        if app.config.callback_url.is_none() {
+        if !self.takes_callbacks(&v.app) {
             return Ok(());
         }
         let id = MessageId::generate(now);
@@ -1262,9 +1262,9 @@ impl Service {
                     UnixTime(now.0.saturating_sub(
                         u64::try_from(SWEEP_MARGIN.as_millis()).unwrap_or(u64::MAX),
                     ));
-                Some((at, VerificationId::from_bytes([0xff; 16])))
-                    .filter(|(a, _)| after.is_none_or(|(b, _)| *a >= b))
-                    .or(after)
+                let mark = (at, VerificationId::from_bytes([0xff; 16]));
+                // Never back: the margin must not undo the position of a full batch.
+                Some(after.map_or(mark, |a| a.max(mark)))
             };
         }
         let ids: Vec<VerificationId> = found.into_iter().map(|(_, id)| id).collect();

@@ -2,8 +2,8 @@
 //! verification (DESIGN §3.5). The HTTP side (WebSocket and Server-Sent Events) is in
 //! [`crate::http::watch`].
 //!
-//! The store calls [`Hub::publish`] with every committed verification change (after fsync, see
-//! [`crate::store::Store::on_commit`]); a change for a verification nobody watches costs one
+//! The store calls [`Hub::publish`] with every committed verification change (after its fsync
+//! for every synced write, see [`crate::store::Store::on_commit`]); a change for a verification nobody watches costs one
 //! hash lookup. Each watched verification has one `tokio::sync::watch` channel holding the
 //! latest [`Snapshot`]: watchers only ever need the newest state, so a slow watcher never
 //! queues messages, it skips to the latest. No connection polls the store.

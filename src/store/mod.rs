@@ -319,8 +319,9 @@ impl Store {
     }
 
     /// Sets the one observer of committed verification changes (the live-status hub). It runs
-    /// after each batch is durable, so a watcher never hears of a change a crash could undo.
-    /// A second call is ignored.
+    /// after each batch is committed, and that is after its fsync whenever any operation in it
+    /// came through [`Store::write`]; only [`Store::write_unsynced`] batches (outbox claims,
+    /// which change no verification) are reported before an fsync. A second call is ignored.
     pub fn on_commit(&self, observer: Observer) {
         let _ = self.0.observer.set(observer);
     }

@@ -453,8 +453,9 @@ pub struct StoreConfig {
     pub max_group: usize,
     /// Block cache size, MiB. Default 16.
     pub cache_mib: u64,
-    /// Largest in-memory table per keyspace before it is flushed to disk, MiB; bounds memory
-    /// under a write burst (six keyspaces). Default 8.
+    /// Largest in-memory table of each record keyspace (verifications, outbox, idempotency)
+    /// before it is flushed to disk, MiB; the three index keyspaces get half. Bounds memory
+    /// under a write burst. Default 16.
     pub memtable_mib: u64,
     /// fjall's background threads (memtable flushes, compactions). Default 1: with more, fjall
     /// hands compaction requests back and forth between its workers, which kept a core busy
@@ -468,7 +469,7 @@ impl Default for StoreConfig {
             sync: SyncMode::Data,
             max_group: 512,
             cache_mib: 16,
-            memtable_mib: 8,
+            memtable_mib: 16,
             worker_threads: 1,
         }
     }

@@ -232,15 +232,21 @@ impl Store {
             .cache_size(cfg.cache_mib.saturating_mul(1 << 20))
             .worker_threads(cfg.worker_threads.max(1))
             .open()?;
-        let memtable = cfg.memtable_mib.max(1).saturating_mul(1 << 20);
-        let opts = || KeyspaceCreateOptions::default().max_memtable_size(memtable);
+        // Records get the full memtable, the key-only indexes half: every flush of a
+        // keyspace ends in a version change that holds the keyspace's lock across four fsyncs
+        // (lsm-tree's `persist_version`), and a write that lands meanwhile waits, so fewer,
+        // larger flushes of the big records keep the tail latency down (BENCHMARKS.md).
+        let record = cfg.memtable_mib.max(1).saturating_mul(1 << 20);
+        let index = (record / 2).max(1 << 20);
+        let records = || KeyspaceCreateOptions::default().max_memtable_size(record);
+        let indexes = || KeyspaceCreateOptions::default().max_memtable_size(index);
         let ks = Keyspaces {
-            verifications: db.keyspace("verifications", opts)?,
-            current: db.keyspace("current", opts)?,
-            expiry: db.keyspace("expiry", opts)?,
-            idempotency: db.keyspace("idempotency", opts)?,
-            outbox: db.keyspace("outbox", opts)?,
-            outbox_due: db.keyspace("outbox_due", opts)?,
+            verifications: db.keyspace("verifications", records)?,
+            current: db.keyspace("current", indexes)?,
+            expiry: db.keyspace("expiry", indexes)?,
+            idempotency: db.keyspace("idempotency", records)?,
+            outbox: db.keyspace("outbox", records)?,
+            outbox_due: db.keyspace("outbox_due", indexes)?,
         };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(StoreStats::default());

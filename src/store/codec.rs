@@ -505,6 +505,103 @@ impl Record for OutboxEntry {
 
 impl Record for super::IdempotencyRecord {}
 
+/// A verification for tests: `full` sets every optional field and non-ASCII addresses.
+#[cfg(test)]
+pub(crate) fn sample_verification(full: bool) -> Verification {
+    let t = |ms: u64| UnixTime(1_795_345_271_573 + ms);
+    Verification {
+        id: VerificationId::generate(t(0)),
+        app: "shop".into(),
+        email: if full {
+            "Zoë@Bücher.example"
+        } else {
+            "someone@example.com"
+        }
+        .into(),
+        email_key: if full {
+            "zoë@bücher.example"
+        } else {
+            "someone@example.com"
+        }
+        .into(),
+        ascii_domain: if full {
+            "xn--bcher-kva.example"
+        } else {
+            "example.com"
+        }
+        .into(),
+        ascii_email: Some(
+            if full {
+                "a@xn--bcher-kva.example"
+            } else {
+                "someone@example.com"
+            }
+            .into(),
+        ),
+        purpose: "signup".into(),
+        subject: full.then(|| "user-42".into()),
+        method: if full {
+            Method::LinkAndCode
+        } else {
+            Method::Link
+        },
+        locale: "zh-CN".into(),
+        redirect_url: full.then(|| "https://app.example/welcome?x=1".into()),
+        metadata: full.then(|| serde_json::json!({"plan": "pro", "n": [1, 2.5, null]})),
+        created_at: t(0),
+        expires_at: t(600_000),
+        verified_at: full.then(|| t(5_000)),
+        updated_at: t(5_000),
+        status: if full {
+            Status::DeliveryFailed
+        } else {
+            Status::Pending
+        },
+        code: full.then(|| CodeState {
+            kid: "k1".into(),
+            mac: "ab".repeat(32),
+            sealed: "k1:f8SZG7eIfovM22RDgMXkqz".into(),
+            attempts: 3,
+            max_attempts: u32::MAX,
+        }),
+        delivery: Delivery {
+            status: if full {
+                DeliveryStatus::Failed
+            } else {
+                DeliveryStatus::Queued
+            },
+            attempts: if full { 7 } else { 0 },
+            last_error: full.then(|| "550 5.1.1 no such user".into()),
+            sent_at: full.then(|| t(1_000)),
+        },
+        prefetches: if full {
+            vec![
+                Prefetch {
+                    at: t(2_000),
+                    method: "HEAD".into(),
+                    user_agent: None,
+                    network: Some("2001:db8:aa::/48".into()),
+                },
+                Prefetch {
+                    at: t(3_000),
+                    method: "GET".into(),
+                    user_agent: Some("Mozilla/5.0 (scanner)".into()),
+                    network: None,
+                },
+            ]
+        } else {
+            Vec::new()
+        },
+        callback: full.then(|| CallbackState {
+            event: "verification.verified".into(),
+            status: DeliveryStatus::Retrying,
+            attempts: 2,
+            last_error: Some("HTTP 502".into()),
+            updated_at: t(6_000),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde::Deserialize;
@@ -514,101 +611,6 @@ mod tests {
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Plain(Vec<i32>);
     impl Record for Plain {}
-
-    fn verification(full: bool) -> Verification {
-        let t = |ms: u64| UnixTime(1_795_345_271_573 + ms);
-        Verification {
-            id: VerificationId::generate(t(0)),
-            app: "shop".into(),
-            email: if full {
-                "Zoë@Bücher.example"
-            } else {
-                "someone@example.com"
-            }
-            .into(),
-            email_key: if full {
-                "zoë@bücher.example"
-            } else {
-                "someone@example.com"
-            }
-            .into(),
-            ascii_domain: if full {
-                "xn--bcher-kva.example"
-            } else {
-                "example.com"
-            }
-            .into(),
-            ascii_email: Some(
-                if full {
-                    "a@xn--bcher-kva.example"
-                } else {
-                    "someone@example.com"
-                }
-                .into(),
-            ),
-            purpose: "signup".into(),
-            subject: full.then(|| "user-42".into()),
-            method: if full {
-                Method::LinkAndCode
-            } else {
-                Method::Link
-            },
-            locale: "zh-CN".into(),
-            redirect_url: full.then(|| "https://app.example/welcome?x=1".into()),
-            metadata: full.then(|| serde_json::json!({"plan": "pro", "n": [1, 2.5, null]})),
-            created_at: t(0),
-            expires_at: t(600_000),
-            verified_at: full.then(|| t(5_000)),
-            updated_at: t(5_000),
-            status: if full {
-                Status::DeliveryFailed
-            } else {
-                Status::Pending
-            },
-            code: full.then(|| CodeState {
-                kid: "k1".into(),
-                mac: "ab".repeat(32),
-                sealed: "k1:f8SZG7eIfovM22RDgMXkqz".into(),
-                attempts: 3,
-                max_attempts: u32::MAX,
-            }),
-            delivery: Delivery {
-                status: if full {
-                    DeliveryStatus::Failed
-                } else {
-                    DeliveryStatus::Queued
-                },
-                attempts: if full { 7 } else { 0 },
-                last_error: full.then(|| "550 5.1.1 no such user".into()),
-                sent_at: full.then(|| t(1_000)),
-            },
-            prefetches: if full {
-                vec![
-                    Prefetch {
-                        at: t(2_000),
-                        method: "HEAD".into(),
-                        user_agent: None,
-                        network: Some("2001:db8:aa::/48".into()),
-                    },
-                    Prefetch {
-                        at: t(3_000),
-                        method: "GET".into(),
-                        user_agent: Some("Mozilla/5.0 (scanner)".into()),
-                        network: None,
-                    },
-                ]
-            } else {
-                Vec::new()
-            },
-            callback: full.then(|| CallbackState {
-                event: "verification.verified".into(),
-                status: DeliveryStatus::Retrying,
-                attempts: 2,
-                last_error: Some("HTTP 502".into()),
-                updated_at: t(6_000),
-            }),
-        }
-    }
 
     fn entries() -> Vec<OutboxEntry> {
         let now = UnixTime(1_795_345_271_573);
@@ -655,7 +657,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_in_binary_and_old_json_records_still_read() {
-        for v in [verification(true), verification(false)] {
+        for v in [sample_verification(true), sample_verification(false)] {
             let b = encode(&v).expect("encode");
             assert_eq!(b[0], BINARY);
             assert_eq!(decode::<Verification>(&b).expect("binary"), v);
@@ -671,7 +673,7 @@ mod tests {
 
     #[test]
     fn the_binary_form_is_a_fraction_of_the_json() {
-        let v = verification(false);
+        let v = sample_verification(false);
         let (bin, json) = (encode(&v).expect("encode").len(), json_v1(&v).len());
         assert!(
             bin * 4 < json,
@@ -687,7 +689,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_trailing_bytes_are_errors_not_panics() {
-        let mut values = vec![encode(&verification(true)).expect("encode")];
+        let mut values = vec![encode(&sample_verification(true)).expect("encode")];
         values.extend(entries().iter().map(|e| encode(e).expect("encode")));
         for (i, b) in values.iter().enumerate() {
             for cut in 1..b.len() {
@@ -711,7 +713,7 @@ mod tests {
 
     #[test]
     fn bad_tags_flags_and_integers_are_refused() {
-        let b = encode(&verification(false)).expect("encode");
+        let b = encode(&sample_verification(false)).expect("encode");
         // The ascii_email tag follows id (16), app, email and two "same as" bytes.
         let at = 1 + 16 + 1 + 4 + 1 + 19 + 2;
         assert_eq!(b[at], 1, "layout changed: fix the offset");

@@ -500,6 +500,7 @@ impl Writer {
                 due: Vec::new(),
                 due_delta: [0; 3],
                 discard: false,
+                expiry_seen: std::cell::RefCell::new(Vec::new()),
             };
             // A panicking operation (a bug) must not take the writer thread down with it: its
             // writes are dropped and its caller sees the store error when the reply is dropped.
@@ -572,9 +573,32 @@ pub struct Tx<'a> {
     due: Vec<(u8, UnixTime)>,
     due_delta: [i64; 3],
     discard: bool,
+    /// For each verification this operation has read or written: its key in the expiry index
+    /// as the operation now sees it (`None`: not pending, or absent). Saves
+    /// [`Tx::put_verification`] reading again what its caller has just read.
+    expiry_seen: std::cell::RefCell<Vec<(VerificationId, Option<UnixTime>)>>,
 }
 
 impl Tx<'_> {
+    fn note_expiry(&self, id: VerificationId, v: Option<&Verification>) {
+        let at = v
+            .filter(|v| v.status == crate::verification::Status::Pending)
+            .map(|v| v.expires_at);
+        let mut seen = self.expiry_seen.borrow_mut();
+        match seen.iter_mut().find(|(i, _)| *i == id) {
+            Some(slot) => slot.1 = at,
+            None => seen.push((id, at)),
+        }
+    }
+
+    fn seen_expiry(&self, id: VerificationId) -> Option<Option<UnixTime>> {
+        self.expiry_seen
+            .borrow()
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, at)| *at)
+    }
+
     fn discard(&mut self) {
         self.discard = true;
     }
@@ -613,9 +637,12 @@ impl Tx<'_> {
     /// # Errors
     /// Engine or decode failure.
     pub fn verification(&self, id: VerificationId) -> Result<Option<Verification>> {
-        self.get_raw(Ks::Verifications, &keys::verification(id))?
-            .map(|b| codec::decode(&b).map_err(Error::from))
-            .transpose()
+        let v = self
+            .get_raw(Ks::Verifications, &keys::verification(id))?
+            .map(|b| codec::decode::<Verification>(&b).map_err(Error::from))
+            .transpose()?;
+        self.note_expiry(id, v.as_ref());
+        Ok(v)
     }
 
     /// Writes a verification and keeps its expiry index in step: the index holds
@@ -624,12 +651,17 @@ impl Tx<'_> {
     /// # Errors
     /// Engine, decode or encode failure.
     pub fn put_verification(&mut self, v: &Verification) -> Result<()> {
-        let prev = self.verification(v.id)?;
-        if let Some(p) = &prev
-            && p.status == crate::verification::Status::Pending
-        {
-            self.del_raw(Ks::Expiry, keys::expiry(p.expires_at, p.id));
+        let prev = match self.seen_expiry(v.id) {
+            Some(at) => at,
+            None => self
+                .verification(v.id)?
+                .filter(|p| p.status == crate::verification::Status::Pending)
+                .map(|p| p.expires_at),
+        };
+        if let Some(at) = prev {
+            self.del_raw(Ks::Expiry, keys::expiry(at, v.id));
         }
+        self.note_expiry(v.id, Some(v));
         if v.status == crate::verification::Status::Pending {
             self.put_raw(Ks::Expiry, keys::expiry(v.expires_at, v.id), Vec::new());
         }
@@ -652,6 +684,7 @@ impl Tx<'_> {
     /// # Errors
     /// Encode failure.
     pub fn insert_verification(&mut self, v: &Verification) -> Result<()> {
+        self.note_expiry(v.id, Some(v));
         if v.status == crate::verification::Status::Pending {
             self.put_raw(Ks::Expiry, keys::expiry(v.expires_at, v.id), Vec::new());
         }
@@ -1180,6 +1213,58 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(seen, Some(VerificationId::from_bytes([3; 16])));
+    }
+
+    #[tokio::test]
+    async fn the_expiry_index_follows_every_write_of_a_verification() {
+        use crate::verification::Status;
+        let (_dir, store) = open();
+        let mut v = codec::sample_verification(false);
+        let id = v.id;
+        let t = |s: u64| v.created_at.plus(std::time::Duration::from_secs(s));
+        let (t1, t2, t3) = (t(60), t(120), t(180));
+        v.expires_at = t1;
+        let indexed = |store: &Store| {
+            store
+                .reader()
+                .expired_by(None, UnixTime(u64::MAX), 10)
+                .expect("scan")
+        };
+        let first = v.clone();
+        store
+            .write(move |tx| -> Result<(), TestError> { Ok(tx.insert_verification(&first)?) })
+            .await
+            .expect("insert");
+        assert_eq!(indexed(&store), vec![(t1, id)]);
+        // Read, then two writes in one operation: each write unindexes what the one before it
+        // indexed, not what was read.
+        store
+            .write(move |tx| -> Result<(), TestError> {
+                let mut v = tx.verification(id)?.ok_or(TestError::Refused)?;
+                v.expires_at = t2;
+                tx.put_verification(&v)?;
+                v.status = Status::Verified;
+                tx.put_verification(&v)?;
+                Ok(())
+            })
+            .await
+            .expect("update");
+        assert_eq!(indexed(&store), vec![]);
+        // A write without a read first looks the previous version up itself.
+        let mut again = v.clone();
+        again.expires_at = t3;
+        store
+            .write(move |tx| -> Result<(), TestError> { Ok(tx.put_verification(&again)?) })
+            .await
+            .expect("reopen");
+        assert_eq!(indexed(&store), vec![(t3, id)]);
+        let mut later = v.clone();
+        later.expires_at = t1;
+        store
+            .write(move |tx| -> Result<(), TestError> { Ok(tx.put_verification(&later)?) })
+            .await
+            .expect("move");
+        assert_eq!(indexed(&store), vec![(t1, id)]);
     }
 
     #[tokio::test]

@@ -22,6 +22,10 @@ use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
 
 /// Entries one worker pass looks at.
 const CLAIM_BATCH: usize = 64;
+/// Deliveries whose outcome is still being written, at most. A delivery frees its slot (one of
+/// `concurrency`) as soon as the relay or the app has answered, so the next one starts while
+/// the outcome waits for its fsync; this bounds how many such writes may wait.
+const RECORDING: usize = 1024;
 /// Longest idle wait between passes when nothing wakes the worker.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// A safety net: the worker rescans its due index from the start this often. (The position
@@ -130,6 +134,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sem = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1)));
+    let recording = Arc::new(tokio::sync::Semaphore::new(RECORDING));
     let pacer: Option<Arc<Pacer>> = std::num::NonZeroU32::new(cfg.max_per_second).map(|n| {
         Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
             n,
@@ -145,7 +150,7 @@ pub async fn run(
             &service,
             &transport,
             &cfg,
-            &sem,
+            (&sem, &recording),
             pacer.as_ref(),
             &shutdown,
             &mut cursor,
@@ -167,8 +172,10 @@ pub async fn run(
             _ = shutdown.changed() => {}
         }
     }
-    // Let in-flight deliveries finish (they hold permits), then say goodbye to the relay.
+    // Let in-flight deliveries finish and their outcomes be written (they hold permits), then
+    // say goodbye to the relay.
     let _ = sem.acquire_many(cfg.concurrency.max(1) as u32).await;
+    let _ = recording.acquire_many(RECORDING as u32).await;
     if let Deliverer::Mail(Transport::Smtp(t)) = &transport {
         t.close_idle().await;
     }
@@ -179,7 +186,7 @@ async fn pass(
     service: &Service,
     transport: &Deliverer,
     cfg: &WorkerConfig,
-    sem: &Arc<tokio::sync::Semaphore>,
+    (sem, recording): (&Arc<tokio::sync::Semaphore>, &Arc<tokio::sync::Semaphore>),
     pacer: Option<&Arc<Pacer>>,
     shutdown: &watch::Receiver<bool>,
     cursor: &mut Cursor,
@@ -272,6 +279,10 @@ async fn pass(
         let Ok(permit) = permit else {
             break;
         };
+        // Free while the slot is: recording permits only run short if outcome writes stall.
+        let Ok(record) = recording.clone().acquire_owned().await else {
+            break;
+        };
         let service = service.clone();
         let transport = transport.clone();
         let retry = cfg.retry;
@@ -291,10 +302,10 @@ async fn pass(
                 }
             }
             match &transport {
-                Deliverer::Mail(t) => deliver(&service, t, retry, c).await,
-                Deliverer::Callbacks(cb) => deliver_callback(&service, cb, retry, c).await,
+                Deliverer::Mail(t) => deliver(&service, t, retry, c, permit).await,
+                Deliverer::Callbacks(cb) => deliver_callback(&service, cb, retry, c, permit).await,
             }
-            drop(permit);
+            drop(record);
         });
     }
     Ok(n)
@@ -361,7 +372,15 @@ fn compose(
     })
 }
 
-async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c: Claimed) {
+/// Delivers one mail and records the outcome. `slot` is released once the relay has answered:
+/// the outcome's write (and fsync) does not hold up the next delivery.
+async fn deliver(
+    service: &Service,
+    transport: &Transport,
+    retry: RetryPolicy,
+    c: Claimed,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let now = service.now();
     let outcome = match c
         .verification
@@ -374,6 +393,7 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
             reason: "the verification no longer exists".into(),
         },
     };
+    drop(slot);
     let done_at = service.now();
     let id = c.entry.id;
     let created_at = c.entry.created_at;
@@ -472,7 +492,14 @@ async fn deliver(service: &Service, transport: &Transport, retry: RetryPolicy, c
 /// One callback attempt and its outcome: 2xx delivered; 410 and a missing URL or secret fail
 /// for good; everything else is retried with backoff (honouring `Retry-After`) until the
 /// horizon has passed since the event.
-async fn deliver_callback(service: &Service, lane: &CallbackLane, retry: RetryPolicy, c: Claimed) {
+/// Delivers one callback and records the outcome; `slot` as in [`deliver`].
+async fn deliver_callback(
+    service: &Service,
+    lane: &CallbackLane,
+    retry: RetryPolicy,
+    c: Claimed,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let now = service.now();
     let outcome = match &c.entry.payload {
         Payload::Callback(job) => {
@@ -498,6 +525,7 @@ async fn deliver_callback(service: &Service, lane: &CallbackLane, retry: RetryPo
             reason: "not a callback entry".into(),
         },
     };
+    drop(slot);
     let done_at = service.now();
     let id = c.entry.id;
     let horizon = lane.horizon;

@@ -1268,6 +1268,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_written_in_json_by_an_older_release_opens_and_updates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v = codec::sample_verification(true);
+        {
+            // What a release before the binary format left on disk: version 1, JSON.
+            let db = Database::builder(dir.path().join("db"))
+                .open()
+                .expect("fjall");
+            let ks = db
+                .keyspace("verifications", KeyspaceCreateOptions::default)
+                .expect("keyspace");
+            let mut old = vec![1u8];
+            serde_json::to_writer(&mut old, &v).expect("json");
+            ks.insert(keys::verification(v.id), old).expect("insert");
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+        assert_eq!(
+            store.reader().verification(v.id).expect("read"),
+            Some(v.clone())
+        );
+        let id = v.id;
+        store
+            .write(move |tx| -> Result<(), TestError> {
+                let mut v = tx.verification(id)?.ok_or(TestError::Refused)?;
+                v.locale = "de".into();
+                Ok(tx.put_verification(&v)?)
+            })
+            .await
+            .expect("update");
+        let raw = store
+            .0
+            .ks
+            .verifications
+            .get(keys::verification(id))
+            .expect("get")
+            .expect("present");
+        assert_eq!(raw.first(), Some(&2), "rewritten in the binary format");
+        let read = store
+            .reader()
+            .verification(id)
+            .expect("read")
+            .expect("present");
+        assert_eq!((read.locale.as_str(), read.email), ("de", v.email));
+    }
+
+    #[tokio::test]
     async fn data_survives_close_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {

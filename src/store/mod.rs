@@ -135,7 +135,9 @@ impl Keyspaces {
     }
 }
 
-type Overlay = HashMap<(Ks, Vec<u8>), Option<Vec<u8>>>;
+/// The group's writes so far, for later operations of the same group to read. Values are
+/// shared with the batch (a `Slice` clone is a reference count), not copied.
+type Overlay = HashMap<(Ks, Vec<u8>), Option<fjall::Slice>>;
 type Finish = Box<dyn FnOnce(Result<(), Arc<Error>>) + Send>;
 type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Finish + Send>;
 
@@ -519,6 +521,7 @@ impl Writer {
             };
             if !discard {
                 for (ks, key, val) in staged {
+                    let val = val.map(fjall::Slice::from);
                     match &val {
                         Some(v) => batch.insert(self.ks.get(ks), key.clone(), v.clone()),
                         None => batch.remove(self.ks.get(ks), key.clone()),
@@ -613,7 +616,7 @@ impl Tx<'_> {
             return Ok(v.clone());
         }
         if let Some(v) = self.overlay.get(&(ks, key.to_vec())) {
-            return Ok(v.clone());
+            return Ok(v.as_ref().map(|s| s.to_vec()));
         }
         Ok(self.ks.get(ks).get(key)?.map(|s| s.to_vec()))
     }

@@ -244,7 +244,9 @@ impl<'a> Dec<'a> {
     }
 }
 
-/// Tags, in order: a variant's tag is its index. Append only.
+/// Tags, in order: a variant's tag is its index in these tables (decoding), and the exhaustive
+/// matches below give the same tags (encoding), so a new variant does not compile until it has
+/// a tag; `tag_tables_and_matches_agree` checks that the two agree. Append only.
 const METHODS: [Method; 3] = [Method::Link, Method::Code, Method::LinkAndCode];
 const STATUSES: [Status; 7] = [
     Status::Pending,
@@ -268,11 +270,42 @@ const STATES: [State; 4] = [
     State::Dropped,
 ];
 
-fn tag_of<T: PartialEq>(all: &[T], v: &T) -> u8 {
-    all.iter()
-        .position(|x| x == v)
-        .and_then(|i| u8::try_from(i).ok())
-        .unwrap_or(u8::MAX)
+fn method_tag(m: Method) -> u8 {
+    match m {
+        Method::Link => 0,
+        Method::Code => 1,
+        Method::LinkAndCode => 2,
+    }
+}
+
+fn status_tag(s: Status) -> u8 {
+    match s {
+        Status::Pending => 0,
+        Status::Verified => 1,
+        Status::Expired => 2,
+        Status::Canceled => 3,
+        Status::Superseded => 4,
+        Status::Locked => 5,
+        Status::DeliveryFailed => 6,
+    }
+}
+
+fn delivery_tag(s: DeliveryStatus) -> u8 {
+    match s {
+        DeliveryStatus::Queued => 0,
+        DeliveryStatus::Retrying => 1,
+        DeliveryStatus::Sent => 2,
+        DeliveryStatus::Failed => 3,
+    }
+}
+
+fn state_tag(s: State) -> u8 {
+    match s {
+        State::Scheduled => 0,
+        State::Delivered => 1,
+        State::Failed => 2,
+        State::Dropped => 3,
+    }
 }
 
 /// The domain part of an address ("" without an `@`).
@@ -297,7 +330,7 @@ impl Record for Verification {
         }
         e.str(&self.purpose);
         e.opt_str(self.subject.as_deref());
-        e.u8(tag_of(&METHODS, &self.method));
+        e.u8(method_tag(self.method));
         e.str(&self.locale);
         e.opt_str(self.redirect_url.as_deref());
         e.opt_str(self.metadata.as_ref().map(|m| m.to_string()).as_deref());
@@ -305,7 +338,7 @@ impl Record for Verification {
         e.var(self.expires_at.0);
         e.opt_time(self.verified_at);
         e.var(self.updated_at.0);
-        e.u8(tag_of(&STATUSES, &self.status));
+        e.u8(status_tag(self.status));
         match &self.code {
             None => e.u8(0),
             Some(c) => {
@@ -317,7 +350,7 @@ impl Record for Verification {
                 e.var(c.max_attempts.into());
             }
         }
-        e.u8(tag_of(&DELIVERY_STATUSES, &self.delivery.status));
+        e.u8(delivery_tag(self.delivery.status));
         e.var(self.delivery.attempts.into());
         e.opt_str(self.delivery.last_error.as_deref());
         e.opt_time(self.delivery.sent_at);
@@ -333,7 +366,7 @@ impl Record for Verification {
             Some(c) => {
                 e.u8(1);
                 e.str(&c.event);
-                e.u8(tag_of(&DELIVERY_STATUSES, &c.status));
+                e.u8(delivery_tag(c.status));
                 e.var(c.attempts.into());
                 e.opt_str(c.last_error.as_deref());
                 e.var(c.updated_at.0);
@@ -434,7 +467,7 @@ impl Record for OutboxEntry {
         e.raw(self.id.as_bytes());
         e.raw(self.verification.as_bytes());
         e.str(&self.app);
-        e.u8(tag_of(&STATES, &self.state));
+        e.u8(state_tag(self.state));
         e.var(self.created_at.0);
         e.var(self.due_at.0);
         e.var(self.attempts.into());
@@ -744,6 +777,22 @@ mod tests {
             Dec(&bad).str(),
             Err(DecodeError::Binary("invalid UTF-8"))
         ));
+    }
+
+    #[test]
+    fn tag_tables_and_matches_agree() {
+        fn check<T: Copy + PartialEq + std::fmt::Debug>(all: &[T], tag: fn(T) -> u8) {
+            for (i, v) in all.iter().enumerate() {
+                assert_eq!(usize::from(tag(*v)), i, "{v:?}");
+                assert_eq!(Dec(&[tag(*v)]).tag(all).expect("decodes"), *v);
+            }
+        }
+        check(&METHODS, method_tag);
+        check(&STATUSES, status_tag);
+        check(&DELIVERY_STATUSES, delivery_tag);
+        check(&STATES, state_tag);
+        assert_eq!(METHODS.len(), Method::ALL.len());
+        assert_eq!(STATES.len(), State::ALL.len());
     }
 
     #[test]

@@ -566,6 +566,11 @@ impl Writer {
     }
 }
 
+/// Where `v` stands in the expiry index: at its expiry while pending, else nowhere.
+fn expiry_key(v: &Verification) -> Option<UnixTime> {
+    (v.status == crate::verification::Status::Pending).then_some(v.expires_at)
+}
+
 /// One write operation's view: reads see committed data, then earlier operations of the same
 /// group, then this operation's own writes.
 pub struct Tx<'a> {
@@ -583,14 +588,20 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    fn note_expiry(&self, id: VerificationId, v: Option<&Verification>) {
-        let at = v
-            .filter(|v| v.status == crate::verification::Status::Pending)
-            .map(|v| v.expires_at);
+    fn note_expiry(&self, id: VerificationId, at: Option<UnixTime>) {
         let mut seen = self.expiry_seen.borrow_mut();
         match seen.iter_mut().find(|(i, _)| *i == id) {
             Some(slot) => slot.1 = at,
             None => seen.push((id, at)),
+        }
+    }
+
+    /// Puts `v` into the expiry index (when pending) and remembers where it now stands.
+    fn index_expiry(&mut self, v: &Verification) {
+        let at = expiry_key(v);
+        self.note_expiry(v.id, at);
+        if let Some(at) = at {
+            self.put_raw(Ks::Expiry, keys::expiry(at, v.id), Vec::new());
         }
     }
 
@@ -644,7 +655,7 @@ impl Tx<'_> {
             .get_raw(Ks::Verifications, &keys::verification(id))?
             .map(|b| codec::decode::<Verification>(&b).map_err(Error::from))
             .transpose()?;
-        self.note_expiry(id, v.as_ref());
+        self.note_expiry(id, v.as_ref().and_then(expiry_key));
         Ok(v)
     }
 
@@ -656,18 +667,12 @@ impl Tx<'_> {
     pub fn put_verification(&mut self, v: &Verification) -> Result<()> {
         let prev = match self.seen_expiry(v.id) {
             Some(at) => at,
-            None => self
-                .verification(v.id)?
-                .filter(|p| p.status == crate::verification::Status::Pending)
-                .map(|p| p.expires_at),
+            None => self.verification(v.id)?.as_ref().and_then(expiry_key),
         };
         if let Some(at) = prev {
             self.del_raw(Ks::Expiry, keys::expiry(at, v.id));
         }
-        self.note_expiry(v.id, Some(v));
-        if v.status == crate::verification::Status::Pending {
-            self.put_raw(Ks::Expiry, keys::expiry(v.expires_at, v.id), Vec::new());
-        }
+        self.index_expiry(v);
         self.put_raw(
             Ks::Verifications,
             keys::verification(v.id),
@@ -687,10 +692,7 @@ impl Tx<'_> {
     /// # Errors
     /// Encode failure.
     pub fn insert_verification(&mut self, v: &Verification) -> Result<()> {
-        self.note_expiry(v.id, Some(v));
-        if v.status == crate::verification::Status::Pending {
-            self.put_raw(Ks::Expiry, keys::expiry(v.expires_at, v.id), Vec::new());
-        }
+        self.index_expiry(v);
         self.put_raw(
             Ks::Verifications,
             keys::verification(v.id),
@@ -1254,20 +1256,15 @@ mod tests {
             .expect("update");
         assert_eq!(indexed(&store), vec![]);
         // A write without a read first looks the previous version up itself.
-        let mut again = v.clone();
-        again.expires_at = t3;
-        store
-            .write(move |tx| -> Result<(), TestError> { Ok(tx.put_verification(&again)?) })
-            .await
-            .expect("reopen");
-        assert_eq!(indexed(&store), vec![(t3, id)]);
-        let mut later = v.clone();
-        later.expires_at = t1;
-        store
-            .write(move |tx| -> Result<(), TestError> { Ok(tx.put_verification(&later)?) })
-            .await
-            .expect("move");
-        assert_eq!(indexed(&store), vec![(t1, id)]);
+        for at in [t3, t1] {
+            let mut w = v.clone();
+            w.expires_at = at;
+            store
+                .write(move |tx| -> Result<(), TestError> { Ok(tx.put_verification(&w)?) })
+                .await
+                .expect("put");
+            assert_eq!(indexed(&store), vec![(at, id)]);
+        }
     }
 
     #[tokio::test]

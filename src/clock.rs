@@ -21,6 +21,12 @@ impl UnixTime {
         UnixTime(self.0.saturating_add(ms))
     }
 
+    /// The instant `d` before this one (saturating at the epoch).
+    pub fn minus(self, d: Duration) -> Self {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        UnixTime(self.0.saturating_sub(ms))
+    }
+
     /// How long from `self` until `later` (zero if `later` is not later).
     pub fn until(self, later: UnixTime) -> Duration {
         Duration::from_millis(later.0.saturating_sub(self.0))
@@ -168,6 +174,20 @@ mod tests {
         assert!(
             d >= Duration::from_secs(5) && d < Duration::from_secs(6),
             "{d:?}"
+        );
+    }
+
+    #[test]
+    fn plus_and_minus_saturate() {
+        let t = UnixTime(10_000);
+        assert_eq!(
+            t.plus(Duration::from_secs(5)).minus(Duration::from_secs(5)),
+            t
+        );
+        assert_eq!(t.minus(Duration::from_secs(11)), UnixTime(0));
+        assert_eq!(
+            UnixTime(u64::MAX).plus(Duration::from_millis(1)),
+            UnixTime(u64::MAX)
         );
     }
 }

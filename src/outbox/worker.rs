@@ -279,7 +279,8 @@ async fn pass(
         let Ok(permit) = permit else {
             break;
         };
-        // Free while the slot is: recording permits only run short if outcome writes stall.
+        // Immediate unless outcome writes stall: there are RECORDING of these for
+        // `concurrency` slots.
         let Ok(record) = recording.clone().acquire_owned().await else {
             break;
         };
@@ -491,8 +492,8 @@ async fn deliver(
 
 /// One callback attempt and its outcome: 2xx delivered; 410 and a missing URL or secret fail
 /// for good; everything else is retried with backoff (honouring `Retry-After`) until the
-/// horizon has passed since the event.
-/// Delivers one callback and records the outcome; `slot` as in [`deliver`].
+/// horizon has passed since the event. `slot` is released once the app has answered, as in
+/// [`deliver`].
 async fn deliver_callback(
     service: &Service,
     lane: &CallbackLane,

@@ -372,7 +372,6 @@ impl Service {
         self.0.clock.now()
     }
 
-    /// Wakes the outbox workers (new or rescheduled entries in either lane).
     /// Wakes the outbox workers when `app` takes callbacks (a state change may have queued
     /// one); other apps' confirms and checks queue nothing, so they wake nobody.
     pub fn wake_for_callbacks(&self, app: &str) {
@@ -389,6 +388,7 @@ impl Service {
             .is_some_and(|a| a.config.callback_url.is_some())
     }
 
+    /// Wakes the outbox workers (new or rescheduled entries in either lane).
     pub fn wake_mail(&self) {
         self.0.mail_ready.notify_waiters();
     }
@@ -1225,6 +1225,14 @@ impl Service {
         })
     }
 
+    /// The sweeper's resume position (it holds no invariant a panicking holder could break).
+    fn sweep_position(&self) -> std::sync::MutexGuard<'_, SweepPosition> {
+        self.0
+            .sweep
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Marks due verifications expired and queues their callbacks. Returns how many.
     ///
     /// # Errors
@@ -1232,11 +1240,7 @@ impl Service {
     pub async fn sweep_expired(&self) -> Result<usize> {
         let now = self.now();
         let after = {
-            let mut p = self
-                .0
-                .sweep
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut p = self.sweep_position();
             if p.full_at.elapsed() >= FULL_SWEEP_EVERY {
                 p.after = None;
                 p.full_at = std::time::Instant::now();
@@ -1249,20 +1253,15 @@ impl Service {
             .read(move |r| r.expired_by(after, now, SWEEP_BATCH))
             .await?;
         {
-            let mut p = self
-                .0
-                .sweep
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut p = self.sweep_position();
             p.after = if found.len() >= SWEEP_BATCH {
                 found.last().copied()
             } else {
                 // Everything due by `now` was seen: resume near it, not at the start.
-                let at =
-                    UnixTime(now.0.saturating_sub(
-                        u64::try_from(SWEEP_MARGIN.as_millis()).unwrap_or(u64::MAX),
-                    ));
-                let mark = (at, VerificationId::from_bytes([0xff; 16]));
+                let mark = (
+                    now.minus(SWEEP_MARGIN),
+                    VerificationId::from_bytes([0xff; 16]),
+                );
                 // Never back: the margin must not undo the position of a full batch.
                 Some(after.map_or(mark, |a| a.max(mark)))
             };

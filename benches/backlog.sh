@@ -380,6 +380,18 @@ if (( NEED_TEMPLATE )) && [[ -z "$TEMPLATE_DIR" ]]; then
 fi
 (( NEED_TEMPLATE )) && out template.pending "$TEMPLATE_PENDING"
 
+# VmRSS each second for MEM_SETTLE s after ready, the CPU used meanwhile, then VmRSS and VmHWM,
+# as mem.PREFIX_* results.
+settle() { # prefix
+    local samples="" c0
+    c0=$(cpu_ticks "$VG_PID")
+    for _ in $(seq "$MEM_SETTLE"); do sleep 1; samples+=" $(status_kib "$VG_PID" VmRSS)"; done
+    out "mem.$1_cpu_after_ready_ms" "$(( ($(cpu_ticks "$VG_PID") - c0) * 1000 / HZ ))"
+    out "mem.$1_rss_samples_kib" "${samples# }"
+    out "mem.$1_rss_kib" "$(status_kib "$VG_PID" VmRSS)"
+    out "mem.$1_hwm_kib" "$(status_kib "$VG_PID" VmHWM)"
+}
+
 # ---------------------------------------------------------------------------------------------
 # memory with the backlog
 if has memory; then
@@ -387,13 +399,7 @@ if has memory; then
     start_timed mem-full "$d"
     out startup.full.first_ms "$(kv "$READY_LINE" ready_ms)"
     out mem.full_ready_rss_kib "$(status_kib "$VG_PID" VmRSS)"
-    samples=""
-    c0=$(cpu_ticks "$VG_PID")
-    for _ in $(seq "$MEM_SETTLE"); do sleep 1; samples+=" $(status_kib "$VG_PID" VmRSS)"; done
-    out mem.full_cpu_after_ready_ms "$(( ($(cpu_ticks "$VG_PID") - c0) * 1000 / HZ ))"
-    out mem.full_rss_samples_kib "${samples# }"
-    out mem.full_rss_kib "$(status_kib "$VG_PID" VmRSS)"
-    out mem.full_hwm_kib "$(status_kib "$VG_PID" VmHWM)"
+    settle full
     scrape
     out mem.full_metrics_secs "$METRICS_SECS"
     out mem.full_outbox_depth "$(depth)"
@@ -407,13 +413,7 @@ if has memory; then
     start_timed mem-full-restart "$d"
     out startup.full_restart.first_ms "$(kv "$READY_LINE" ready_ms)"
     out mem.restart_ready_rss_kib "$(status_kib "$VG_PID" VmRSS)"
-    samples=""
-    c0=$(cpu_ticks "$VG_PID")
-    for _ in $(seq "$MEM_SETTLE"); do sleep 1; samples+=" $(status_kib "$VG_PID" VmRSS)"; done
-    out mem.restart_cpu_after_ready_ms "$(( ($(cpu_ticks "$VG_PID") - c0) * 1000 / HZ ))"
-    out mem.restart_rss_samples_kib "${samples# }"
-    out mem.restart_rss_kib "$(status_kib "$VG_PID" VmRSS)"
-    out mem.restart_hwm_kib "$(status_kib "$VG_PID" VmHWM)"
+    settle restart
     stop_vg
     out mem.restart_stop_secs "$STOP_SECS"
     rm -rf "$d"

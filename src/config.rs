@@ -300,9 +300,10 @@ pub struct Smtp {
     pub helo_name: Option<String>,
     /// Opening a session (connect, greeting, EHLO, STARTTLS, AUTH), milliseconds. Default 10000.
     pub connect_timeout_ms: u64,
-    /// Each of MAIL, RCPT, RSET, NOOP, QUIT, milliseconds. Default 30000.
+    /// Each of MAIL, RCPT, DATA (to its 354), RSET, NOOP, QUIT, or a pipelined MAIL/RCPT/DATA
+    /// group, milliseconds. Default 30000.
     pub command_timeout_ms: u64,
-    /// DATA, the message and the final reply, milliseconds. Default 60000.
+    /// The message and the final reply, milliseconds. Default 60000.
     pub data_timeout_ms: u64,
     /// Idle sessions kept for reuse; 0 = a session per message. Default 4.
     pub pool_size: usize,

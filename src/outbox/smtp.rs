@@ -1,14 +1,15 @@
 //! The SMTP transport: hands one message at a time to the configured relay (mail-send 0.7)
 //! and answers with one [`Outcome`].
 //!
-//! Owns: connecting (plain, STARTTLS or implicit TLS), AUTH, a small pool of reused sessions,
-//! a timeout on every network step, and the classification of an attempt. Does not own:
-//! rendering the message (the daemon hands over finished RFC 5322 bytes), retry scheduling
-//! (`outbox::retry`), DKIM signing (not done yet).
+//! Owns: connecting (plain, STARTTLS or implicit TLS), EHLO and AUTH, a small pool of reused
+//! sessions, PIPELINING when the relay offers it, a timeout on every network step, and the
+//! classification of an attempt. Does not own: rendering the message (the daemon hands over
+//! finished RFC 5322 bytes), retry scheduling (`outbox::retry`), DKIM signing (`crate::dkim`).
 //!
 //! ```text
 //! send(mail) --checkout--> pooled session (NOOP first if idle > idle_timeout) | new session
-//!            --MAIL FROM, RCPT TO (command_timeout)--> DATA + final reply (data_timeout)
+//!            --MAIL FROM, RCPT TO, DATA (command_timeout; one write with PIPELINING)-->
+//!            --message + final reply (data_timeout; one write)
 //!            --classify--> Delivered | Retry | Reject
 //!            --session---> back to the pool (after RSET when the transaction failed)
 //!                          | dropped (timeout, I/O, TLS, unparseable reply, 421)
@@ -23,10 +24,15 @@
 //! - A session that saw a timeout, an I/O or TLS error, an unparseable reply or a 421 is never
 //!   reused.
 //! - Every network step runs under a timeout: opening a session (`connect_timeout_ms`: TCP,
-//!   greeting, EHLO, STARTTLS, AUTH), each command (`command_timeout_ms`: MAIL, RCPT, RSET,
-//!   NOOP, QUIT), DATA with its final reply (`data_timeout_ms`). mail-send's own default is one
-//!   hour and its greeting read has no timeout at all, so neither is relied on.
-//! - One recipient per transaction (mail-send stops at the first rejected RCPT).
+//!   greeting, EHLO, STARTTLS, AUTH), each command or pipelined group (`command_timeout_ms`:
+//!   MAIL, RCPT, DATA, RSET, NOOP, QUIT), the message with its final reply (`data_timeout_ms`).
+//!   mail-send's own default is one hour and its greeting read has no timeout at all, so
+//!   neither is relied on.
+//! - One recipient per transaction.
+//! - Commands are pipelined only to a relay whose EHLO reply (after STARTTLS, when used) lists
+//!   PIPELINING, and DATA always ends the group (RFC 2920): the message waits for the 354.
+//!   A pipelined transaction that failed at MAIL or RCPT is judged by that reply; if the relay
+//!   nevertheless answered DATA with 354, the session is dropped rather than reset.
 //! - Logs carry masked addresses, stages and reply codes only: never the body, and never the
 //!   reply text, which often quotes the full address. The reply text does go into the
 //!   outcome's `reason` (stored for the operator).
@@ -39,7 +45,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -48,8 +53,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_platform_verifier::BuilderVerifierExt;
 use serde::{Deserialize, Serialize};
-use smtp_proto::Response;
-use tokio::io::{AsyncRead, AsyncWrite};
+use smtp_proto::{EXT_PIPELINING, EhloResponse, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -89,6 +94,8 @@ const SEND_DURATION_BUCKETS: [f64; 12] = [
 const AUTH_PROBLEM_CODES: [u16; 4] = [530, 534, 535, 538];
 /// 421: the relay is closing the session (RFC 5321 §3.8).
 const CODE_CLOSING: u16 = 421;
+/// "Start mail input": the only right answer to DATA.
+const CODE_START_DATA: u16 = 354;
 
 // === config ===
 
@@ -116,9 +123,10 @@ pub struct SmtpConfig {
     /// Opening a session: TCP connect, greeting, EHLO, STARTTLS and AUTH together, in
     /// milliseconds. Default 10000.
     pub connect_timeout_ms: u64,
-    /// Each of MAIL, RCPT, RSET, NOOP and QUIT, in milliseconds. Default 30000.
+    /// Each of MAIL, RCPT, DATA (to its 354 reply), RSET, NOOP and QUIT, or the three of a
+    /// pipelined MAIL/RCPT/DATA together, in milliseconds. Default 30000.
     pub command_timeout_ms: u64,
-    /// DATA, the message and the final reply together, in milliseconds. Default 60000.
+    /// The message and the final reply together, in milliseconds. Default 60000.
     pub data_timeout_ms: u64,
     /// Idle sessions kept for reuse; 0 opens a session per message. Default 4.
     pub pool_size: usize,
@@ -573,8 +581,16 @@ struct Idle {
     since: Instant,
 }
 
-/// An open SMTP session; plain and TLS clients are different types.
-enum Session {
+/// An open SMTP session.
+struct Session {
+    conn: Conn,
+    /// The relay offered PIPELINING (RFC 2920) in its EHLO reply: MAIL FROM, RCPT TO and DATA
+    /// then go out in one write, and their three replies are read together.
+    pipelining: bool,
+}
+
+/// The connection under a session; plain and TLS clients are different types.
+enum Conn {
     Plain(SmtpClient<TcpStream>),
     Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
 }
@@ -645,6 +661,8 @@ impl SmtpTransport {
         let mut builder =
             SmtpClientBuilder::new_with_tls_connector(cfg.host.clone(), cfg.port, connector)
                 .implicit_tls(cfg.tls == SmtpTls::Implicit)
+                // `open` sends EHLO itself, to keep the relay's capabilities, and then AUTH.
+                .say_ehlo(false)
                 .timeout(connect_timeout);
         if let Some(helo) = &cfg.helo_name {
             builder = builder.helo_host(helo.clone());
@@ -753,14 +771,21 @@ impl Inner {
             Err(e) => return self.connect_failure(&e),
         };
         loop {
-            let (stage, error) = match session.transaction(mail, self).await {
+            let Failure {
+                stage,
+                error,
+                out_of_step,
+            } = match session.transaction(mail, self).await {
                 Ok(reply) => {
                     self.checkin(session);
                     return reply_verdict(&reply);
                 }
                 Err(failure) => failure,
             };
-            let judged = verdict(&error).at(stage);
+            let mut judged = verdict(&error).at(stage);
+            if out_of_step {
+                judged.session = SessionFate::Broken;
+            }
             match judged.session {
                 SessionFate::Reusable => self.reset_and_checkin(session).await,
                 SessionFate::Broken => {
@@ -807,22 +832,30 @@ impl Inner {
 
     /// Opens a session, all of it (TCP, greeting, EHLO, STARTTLS, AUTH) under
     /// `connect_timeout`: mail-send's `connect_plain` reads the greeting without a timeout.
+    /// The builder stops after the greeting (or STARTTLS); the EHLO here keeps the relay's
+    /// capabilities, which say whether it takes PIPELINING.
     async fn open(&self) -> Result<Session, mail_send::Error> {
         let connect = async {
-            match self.tls {
-                SmtpTls::None => self.builder.connect_plain().await.map(Session::Plain),
-                SmtpTls::Starttls | SmtpTls::Implicit => self
-                    .builder
-                    .connect()
-                    .await
-                    .map(|c| Session::Tls(Box::new(c))),
+            let mut conn = match self.tls {
+                SmtpTls::None => Conn::Plain(self.builder.connect_plain().await?),
+                SmtpTls::Starttls | SmtpTls::Implicit => {
+                    Conn::Tls(Box::new(self.builder.connect().await?))
+                }
+            };
+            let capabilities = conn.ehlo(&self.builder.local_host).await?;
+            if let Some(credentials) = &self.builder.credentials {
+                conn.authenticate(credentials, &capabilities).await?;
             }
+            Ok::<_, mail_send::Error>(Session {
+                conn,
+                pipelining: capabilities.has_capability(EXT_PIPELINING),
+            })
         };
         let mut session = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| mail_send::Error::Timeout)??;
-        session.set_timeout(self.command_timeout);
-        session.set_nodelay();
+        session.conn.set_timeout(self.command_timeout);
+        session.conn.set_nodelay();
         self.metrics.connections_opened.inc();
         self.reached.store(true, Ordering::Relaxed);
         Ok(session)
@@ -849,13 +882,52 @@ impl Inner {
 }
 
 impl Session {
-    /// Turns Nagle's algorithm off. mail-send writes the message and the final `.` in two
-    /// writes; with Nagle on, the 5-byte terminator waits for the relay's delayed ACK (~40 ms
-    /// on Linux), capping each session at ~23 mails/s (measured with benches/delivery.sh).
+    async fn transaction(
+        &mut self,
+        mail: &OutgoingMail,
+        inner: &Inner,
+    ) -> Result<Response<String>, Failure> {
+        let pipelining = self.pipelining;
+        match &mut self.conn {
+            Conn::Plain(c) => transaction(c, mail, inner, pipelining).await,
+            Conn::Tls(c) => transaction(c, mail, inner, pipelining).await,
+        }
+    }
+
+    async fn noop(&mut self, timeout: Duration) -> mail_send::Result<()> {
+        self.conn.set_timeout(timeout);
+        match &mut self.conn {
+            Conn::Plain(c) => c.noop().await,
+            Conn::Tls(c) => c.noop().await,
+        }
+    }
+
+    async fn rset(&mut self, timeout: Duration) -> mail_send::Result<()> {
+        self.conn.set_timeout(timeout);
+        match &mut self.conn {
+            Conn::Plain(c) => c.rset().await,
+            Conn::Tls(c) => c.rset().await,
+        }
+    }
+
+    async fn quit(mut self, timeout: Duration) -> mail_send::Result<()> {
+        self.conn.set_timeout(timeout);
+        match self.conn {
+            Conn::Plain(c) => c.quit().await,
+            Conn::Tls(c) => c.quit().await,
+        }
+    }
+}
+
+impl Conn {
+    /// Turns Nagle's algorithm off. Each step of a transaction is one write followed by a
+    /// wait for the reply; with Nagle on, a small write that follows an unacknowledged one
+    /// waits for the relay's delayed ACK (~40 ms on Linux), capping each session at ~23
+    /// mails/s (measured with benches/delivery.sh).
     fn set_nodelay(&self) {
         let r = match self {
-            Session::Plain(c) => c.stream.set_nodelay(true),
-            Session::Tls(c) => c.stream.get_ref().0.set_nodelay(true),
+            Conn::Plain(c) => c.stream.set_nodelay(true),
+            Conn::Tls(c) => c.stream.get_ref().0.set_nodelay(true),
         };
         if let Err(e) = r {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on the SMTP connection");
@@ -864,81 +936,169 @@ impl Session {
 
     fn set_timeout(&mut self, timeout: Duration) {
         match self {
-            Session::Plain(c) => c.timeout = timeout,
-            Session::Tls(c) => c.timeout = timeout,
+            Conn::Plain(c) => c.timeout = timeout,
+            Conn::Tls(c) => c.timeout = timeout,
         }
     }
 
-    async fn transaction(
+    async fn ehlo(&mut self, host: &str) -> mail_send::Result<EhloResponse<String>> {
+        match self {
+            Conn::Plain(c) => c.ehlo(host).await,
+            Conn::Tls(c) => c.ehlo(host).await,
+        }
+    }
+
+    async fn authenticate(
         &mut self,
-        mail: &OutgoingMail,
-        inner: &Inner,
-    ) -> Result<Response<String>, (Stage, mail_send::Error)> {
+        credentials: &Credentials<String>,
+        capabilities: &EhloResponse<String>,
+    ) -> mail_send::Result<()> {
         match self {
-            Session::Plain(c) => transaction(c, mail, inner).await,
-            Session::Tls(c) => transaction(c, mail, inner).await,
-        }
-    }
-
-    async fn noop(&mut self, timeout: Duration) -> mail_send::Result<()> {
-        self.set_timeout(timeout);
-        match self {
-            Session::Plain(c) => c.noop().await,
-            Session::Tls(c) => c.noop().await,
-        }
-    }
-
-    async fn rset(&mut self, timeout: Duration) -> mail_send::Result<()> {
-        self.set_timeout(timeout);
-        match self {
-            Session::Plain(c) => c.rset().await,
-            Session::Tls(c) => c.rset().await,
-        }
-    }
-
-    async fn quit(mut self, timeout: Duration) -> mail_send::Result<()> {
-        self.set_timeout(timeout);
-        match self {
-            Session::Plain(c) => c.quit().await,
-            Session::Tls(c) => c.quit().await,
+            Conn::Plain(c) => c.authenticate(credentials, capabilities).await.map(drop),
+            Conn::Tls(c) => c.authenticate(credentials, capabilities).await.map(drop),
         }
     }
 }
 
-/// MAIL FROM, RCPT TO and DATA on one session. mail-send applies `client.timeout` to each
-/// command; DATA is also bounded as a whole.
+/// Why a transaction stopped: the stage, mail-send's error for it, and whether the session
+/// fell out of step with the relay whatever the error says (a pipelined DATA that was
+/// accepted after MAIL FROM or RCPT TO failed leaves the relay waiting for a message).
+struct Failure {
+    stage: Stage,
+    error: mail_send::Error,
+    out_of_step: bool,
+}
+
+impl Failure {
+    fn at(stage: Stage) -> impl FnOnce(mail_send::Error) -> Failure {
+        move |error| Failure {
+            stage,
+            error,
+            out_of_step: false,
+        }
+    }
+}
+
+/// MAIL FROM, RCPT TO and DATA on one session, then the message and its final reply.
+///
+/// With PIPELINING, the three commands are one write and their replies are read together
+/// (RFC 2920: DATA is the last command of the group); a relay without it gets them one at a
+/// time. The envelope takes `command_timeout`, the message with its final reply
+/// `data_timeout`.
 async fn transaction<S>(
     client: &mut SmtpClient<S>,
     mail: &OutgoingMail,
     inner: &Inner,
-) -> Result<Response<String>, (Stage, mail_send::Error)>
+    pipelining: bool,
+) -> Result<Response<String>, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let none = Parameters::new();
     client.timeout = inner.command_timeout;
-    client
-        .mail_from(&mail.envelope_from, &none)
+    let mail_from = format!("MAIL FROM:<{}>\r\n", mail.envelope_from);
+    let rcpt_to = format!("RCPT TO:<{}>\r\n", mail.envelope_to);
+    if pipelining {
+        let group = [mail_from.as_bytes(), rcpt_to.as_bytes(), b"DATA\r\n"].concat();
+        let replies = tokio::time::timeout(inner.command_timeout, async {
+            client.stream.write_all(&group).await?;
+            client.stream.flush().await?;
+            client.read_many(3).await
+        })
         .await
-        .map_err(|e| (Stage::MailFrom, e))?;
-    client
-        .rcpt_to(&mail.envelope_to, &none)
-        .await
-        .map_err(|e| (Stage::RcptTo, e))?;
+        .unwrap_or(Err(mail_send::Error::Timeout))
+        .map_err(Failure::at(Stage::MailFrom))?;
+        envelope_replies(replies)?;
+    } else {
+        for (stage, command) in [(Stage::MailFrom, mail_from), (Stage::RcptTo, rcpt_to)] {
+            let reply = client.cmd(command).await.map_err(Failure::at(stage))?;
+            positive(reply).map_err(Failure::at(stage))?;
+        }
+        let reply = client
+            .cmd(b"DATA\r\n")
+            .await
+            .map_err(Failure::at(Stage::Data))?;
+        if reply.code != CODE_START_DATA {
+            return Err(Failure::at(Stage::Data)(mail_send::Error::UnexpectedReply(
+                reply,
+            )));
+        }
+    }
+    let block = data_block(&mail.bytes);
     client.timeout = inner.data_timeout;
-    let data = tokio::time::timeout(inner.data_timeout, client.data(data_payload(&mail.bytes)))
-        .await
-        .unwrap_or(Err(mail_send::Error::Timeout));
+    let reply = tokio::time::timeout(inner.data_timeout, async {
+        client.stream.write_all(&block).await?;
+        client.stream.flush().await?;
+        client.read().await
+    })
+    .await
+    .unwrap_or(Err(mail_send::Error::Timeout));
     client.timeout = inner.command_timeout;
-    data.map_err(|e| (Stage::Data, e))
+    reply.and_then(positive).map_err(Failure::at(Stage::Data))
 }
 
-/// The bytes to give mail-send's `data()`, which dot-stuffs them and always appends
-/// `CRLF . CRLF`. When the message already ends with CRLF, that CRLF is the start of the
-/// terminator (RFC 5321 §4.1.1.4): dropping it here keeps the relay from receiving an extra
-/// empty line, so the bytes arrive exactly as composed.
-fn data_payload(bytes: &[u8]) -> &[u8] {
-    bytes.strip_suffix(b"\r\n").unwrap_or(bytes)
+/// Judges the replies to a pipelined MAIL FROM, RCPT TO, DATA: the first one that is not
+/// what was due stops the transaction at its stage. A DATA accepted after an earlier
+/// failure leaves the session out of step (it is dropped, not reset).
+fn envelope_replies(replies: Vec<Response<String>>) -> Result<(), Failure> {
+    let mut replies = replies.into_iter();
+    let (Some(mail), Some(rcpt), Some(data)) = (replies.next(), replies.next(), replies.next())
+    else {
+        // read_many(3) returns three replies or an error.
+        return Err(Failure::at(Stage::MailFrom)(
+            mail_send::Error::UnparseableReply,
+        ));
+    };
+    let data_started = data.code == CODE_START_DATA;
+    let failed = |stage, reply| Failure {
+        stage,
+        error: mail_send::Error::UnexpectedReply(reply),
+        out_of_step: data_started,
+    };
+    if !is_positive(&mail) {
+        return Err(failed(Stage::MailFrom, mail));
+    }
+    if !is_positive(&rcpt) {
+        return Err(failed(Stage::RcptTo, rcpt));
+    }
+    if data_started {
+        Ok(())
+    } else {
+        Err(Failure::at(Stage::Data)(mail_send::Error::UnexpectedReply(
+            data,
+        )))
+    }
+}
+
+fn is_positive(reply: &Response<String>) -> bool {
+    (200..300).contains(&reply.code)
+}
+
+/// The reply if it is 2xx, else mail-send's `UnexpectedReply` with it.
+fn positive(reply: Response<String>) -> mail_send::Result<Response<String>> {
+    if is_positive(&reply) {
+        Ok(reply)
+    } else {
+        Err(mail_send::Error::UnexpectedReply(reply))
+    }
+}
+
+/// The message as it goes on the wire after DATA: dot-stuffed (RFC 5321 §4.5.2: a line that
+/// starts with `.` gets another), then `CRLF . CRLF`, in one buffer so that it leaves in one
+/// write. When the message already ends with CRLF, that CRLF is the start of the terminator
+/// (§4.1.1.4), so the relay receives the bytes exactly as composed.
+fn data_block(bytes: &[u8]) -> Vec<u8> {
+    let bytes = bytes.strip_suffix(b"\r\n").unwrap_or(bytes);
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 64 + 5);
+    let mut line_start = true;
+    for &b in bytes {
+        if b == b'.' && line_start {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n' || b == b'\r';
+    }
+    out.extend_from_slice(b"\r\n.\r\n");
+    out
 }
 
 /// Why an envelope address cannot go into an SMTP command, if it cannot: CR or LF would inject

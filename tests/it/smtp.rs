@@ -119,6 +119,97 @@ async fn two_sends_reuse_one_connection() {
 }
 
 #[tokio::test]
+async fn a_relay_offering_pipelining_gets_the_envelope_in_one_write() {
+    // The relay answers MAIL and RCPT only once DATA has arrived: a client that waited for
+    // each reply would time out here.
+    let relay = ScriptedSmtp::new().pipelining().start().await;
+    let (t, m) = transport(&config(relay.port()));
+    for to in ["a@x.test", "b@x.test"] {
+        let out = t
+            .send(OutgoingMail {
+                bytes: DOTTED.to_vec(),
+                ..mail(to)
+            })
+            .await;
+        assert_eq!(out, Outcome::Delivered, "{to}");
+    }
+    let got = relay.messages();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].from, "bounces@verigate.test");
+    assert_eq!(got[1].to, ["b@x.test"]);
+    assert_eq!(
+        String::from_utf8_lossy(&got[1].data),
+        String::from_utf8_lossy(DOTTED)
+    );
+    assert_eq!(relay.connections(), 1);
+    assert_eq!(class(&m, "2xx"), 2);
+}
+
+#[tokio::test]
+async fn a_relay_without_pipelining_gets_one_command_at_a_time() {
+    let relay = ScriptedSmtp::new().start().await;
+    let (t, _m) = transport(&config(relay.port()));
+    assert_eq!(t.send(mail("a@x.test")).await, Outcome::Delivered);
+    assert_eq!(t.send(mail("b@x.test")).await, Outcome::Delivered);
+    assert_eq!(relay.messages().len(), 2);
+    assert_eq!(relay.unasked_pipelining(), 0);
+}
+
+#[tokio::test]
+async fn a_pipelined_rejected_recipient_is_rejected_and_the_session_reset_and_reused() {
+    let relay = ScriptedSmtp::new()
+        .pipelining()
+        .reject("gone@x.test", 550)
+        .start()
+        .await;
+    let (t, m) = transport(&config(relay.port()));
+    assert_eq!(
+        t.send(mail("gone@x.test")).await,
+        Outcome::Reject {
+            reason: "RCPT TO: 550 5.1.1 no such user".into()
+        }
+    );
+    assert_eq!(t.send(mail("ok@x.test")).await, Outcome::Delivered);
+    assert_eq!(relay.connections(), 1);
+    assert_eq!(m.connections_opened.get(), 1);
+    assert!(relay.commands().iter().any(|c| c == "RSET"));
+    let got = relay.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].to, ["ok@x.test"]);
+}
+
+#[tokio::test]
+async fn a_relay_that_starts_data_after_refusing_the_recipient_loses_the_session() {
+    // After 354 the relay reads a message; RSET would be taken as its first line. The
+    // session is dropped instead, and the next mail goes out on a new one.
+    let relay = ScriptedSmtp::new()
+        .pipelining()
+        .reject("gone@x.test", 550)
+        .data_without_recipients()
+        .start()
+        .await;
+    let (t, _m) = transport(&config(relay.port()));
+    let started = Instant::now();
+    assert_eq!(
+        t.send(mail("gone@x.test")).await,
+        Outcome::Reject {
+            reason: "RCPT TO: 550 5.1.1 no such user".into()
+        }
+    );
+    // A RSET would get no reply (the relay reads it as message text) until the command
+    // timeout; dropping the session answers at once.
+    assert!(
+        started.elapsed() < Duration::from_millis(SHORT_MS),
+        "the send waited {:?}: the session was reset, not dropped",
+        started.elapsed()
+    );
+    assert_eq!(t.send(mail("ok@x.test")).await, Outcome::Delivered);
+    assert_eq!(relay.connections(), 2);
+    assert!(!relay.commands().iter().any(|c| c == "RSET"));
+    assert_eq!(relay.messages().len(), 1);
+}
+
+#[tokio::test]
 async fn a_rejected_recipient_is_reset_and_the_pooled_connection_delivers_the_next_mail() {
     let relay = FakeSmtp::new().reject("gone@x.test", 550).start();
     let (t, m) = transport(&config(relay.port()));

@@ -249,10 +249,18 @@ fn long_or_multi_line_reply_text_is_flattened_and_cut() {
 }
 
 #[test]
-fn the_final_crlf_is_left_to_the_terminator() {
-    assert_eq!(data_payload(b"a\r\nb\r\n"), b"a\r\nb");
-    assert_eq!(data_payload(b"a\r\nb"), b"a\r\nb");
-    assert_eq!(data_payload(b""), b"");
+fn the_data_block_is_dot_stuffed_and_terminated_once() {
+    // The final CRLF of the message is the start of the terminator, not an extra empty line.
+    assert_eq!(data_block(b"a\r\nb\r\n"), b"a\r\nb\r\n.\r\n");
+    assert_eq!(data_block(b"a\r\nb"), b"a\r\nb\r\n.\r\n");
+    assert_eq!(data_block(b""), b"\r\n.\r\n");
+    // A dot that starts a line gets another, the first line included; other dots stay.
+    assert_eq!(
+        data_block(b".a\r\n..b\r\nc.d\r\n.\r\ne"),
+        b"..a\r\n...b\r\nc.d\r\n..\r\ne\r\n.\r\n"
+    );
+    // A message that is only a dot line cannot end the data early.
+    assert_eq!(data_block(b".\r\n"), b"..\r\n.\r\n");
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //!   sessions (one EHLO per session), so connection reuse is observable.
 //! - [`ScriptedSmtp`]: a small hand-written tokio server for what mailin cannot do: never
 //!   greet, drop the connection during DATA, 421 at MAIL, close idle sessions, refuse AUTH,
-//!   STARTTLS and implicit TLS with a self-signed certificate ([`SelfSigned`], from rcgen). It
+//!   STARTTLS and implicit TLS with a self-signed certificate ([`SelfSigned`], from rcgen),
+//!   PIPELINING (RFC 2920) held to the letter, and noticing a client that pipelines unasked. It
 //!   builds its TLS config on the `ring` provider explicitly, like the transport, so no test
 //!   relies on rustls' process-wide default provider.
 //!
@@ -275,6 +276,10 @@ pub struct ScriptedSmtp {
     rejects: HashMap<String, u16>,
     /// The fault applies to the first this-many connections only.
     fault_connections: usize,
+    /// Offers PIPELINING, and holds the replies to MAIL and RCPT until DATA arrives.
+    pipelining: bool,
+    /// Answers DATA with 354 even when no recipient was accepted (a broken relay).
+    data_without_recipients: bool,
 }
 
 impl Default for ScriptedSmtp {
@@ -293,7 +298,24 @@ impl ScriptedSmtp {
             close_after_messages: None,
             rejects: HashMap::new(),
             fault_connections: usize::MAX,
+            pipelining: false,
+            data_without_recipients: false,
         }
+    }
+
+    /// Offers PIPELINING and answers MAIL and RCPT only once DATA has arrived, all replies in
+    /// one write (RFC 2920 lets a server buffer its replies): a client that waits for each
+    /// reply before the next command gets none and times out.
+    pub fn pipelining(mut self) -> Self {
+        self.pipelining = true;
+        self
+    }
+
+    /// Answers DATA with 354 even when every recipient was refused, where a relay should
+    /// answer 554 (RFC 2920 §3.1).
+    pub fn data_without_recipients(mut self) -> Self {
+        self.data_without_recipients = true;
+        self
     }
 
     /// Accepts connections and never greets.
@@ -363,6 +385,7 @@ impl ScriptedSmtp {
             inbox: Inbox::default(),
             connections: Arc::new(AtomicUsize::new(0)),
             commands: Arc::new(Mutex::new(Vec::new())),
+            unasked_pipelining: Arc::new(AtomicUsize::new(0)),
         };
         let script = Arc::new(self);
         let shared = handle.clone();
@@ -406,6 +429,8 @@ impl ScriptedSmtp {
         reply(&mut io, &format!("220 {FAKE_NAME} ESMTP scripted\r\n")).await?;
         let mut current = Captured::default();
         let mut delivered = 0;
+        // Replies to MAIL and RCPT held back until DATA (pipelining only).
+        let mut held = String::new();
         loop {
             let Some(line) = read_line(&mut io).await? else {
                 return Ok(());
@@ -416,11 +441,21 @@ impl ScriptedSmtp {
                 .next()
                 .unwrap_or_default()
                 .to_ascii_uppercase();
+            if !self.pipelining
+                && matches!(verb.as_str(), "MAIL" | "RCPT")
+                && !io.buffer().is_empty()
+            {
+                // The next command came before this one's reply was sent.
+                shared.unasked_pipelining.fetch_add(1, Ordering::SeqCst);
+            }
             match verb.as_str() {
                 "EHLO" | "HELO" => {
                     let mut r = format!("250-{FAKE_NAME}\r\n");
                     if matches!(self.tls, Tls::Starttls(_)) && !tls_active {
                         r.push_str("250-STARTTLS\r\n");
+                    }
+                    if self.pipelining {
+                        r.push_str("250-PIPELINING\r\n");
                     }
                     r.push_str("250-AUTH PLAIN\r\n250 8BITMIME\r\n");
                     reply(&mut io, &r).await?;
@@ -449,19 +484,26 @@ impl ScriptedSmtp {
                         from: path_of(&line),
                         ..Captured::default()
                     };
-                    reply(&mut io, "250 2.1.0 ok\r\n").await?;
+                    self.envelope_reply(&mut io, &mut held, "250 2.1.0 ok\r\n")
+                        .await?;
                 }
                 "RCPT" => {
                     let to = path_of(&line);
-                    if let Some(code) = self.rejects.get(&to) {
-                        reply(&mut io, &format!("{code} 5.1.1 no such user\r\n")).await?;
+                    let text = if let Some(code) = self.rejects.get(&to) {
+                        format!("{code} 5.1.1 no such user\r\n")
                     } else {
                         current.to.push(to);
-                        reply(&mut io, "250 2.1.5 ok\r\n").await?;
-                    }
+                        "250 2.1.5 ok\r\n".to_string()
+                    };
+                    self.envelope_reply(&mut io, &mut held, &text).await?;
+                }
+                "DATA" if current.to.is_empty() && !self.data_without_recipients => {
+                    held.push_str("554 5.5.1 no valid recipients\r\n");
+                    reply(&mut io, &std::mem::take(&mut held)).await?;
                 }
                 "DATA" => {
-                    reply(&mut io, "354 go ahead\r\n").await?;
+                    held.push_str("354 go ahead\r\n");
+                    reply(&mut io, &std::mem::take(&mut held)).await?;
                     if self.fault == Some(Fault::DropDuringData) {
                         let mut first = Vec::new();
                         io.read_until(b'\n', &mut first).await?;
@@ -492,6 +534,21 @@ impl ScriptedSmtp {
             }
         }
     }
+
+    /// A reply to MAIL or RCPT: sent now, or held for DATA when pipelining.
+    async fn envelope_reply(
+        &self,
+        io: &mut BufReader<Box<dyn Io>>,
+        held: &mut String,
+        text: &str,
+    ) -> std::io::Result<()> {
+        if self.pipelining {
+            held.push_str(text);
+            Ok(())
+        } else {
+            reply(io, text).await
+        }
+    }
 }
 
 /// A running [`ScriptedSmtp`].
@@ -501,6 +558,7 @@ pub struct ScriptedHandle {
     inbox: Inbox,
     connections: Arc<AtomicUsize>,
     commands: Arc<Mutex<Vec<String>>>,
+    unasked_pipelining: Arc<AtomicUsize>,
 }
 
 impl ScriptedHandle {
@@ -512,6 +570,12 @@ impl ScriptedHandle {
     /// A copy of the messages received so far.
     pub fn messages(&self) -> Vec<Captured> {
         snapshot(&self.inbox)
+    }
+
+    /// MAIL or RCPT commands that arrived with the next command already behind them, from
+    /// a relay that does not offer PIPELINING.
+    pub fn unasked_pipelining(&self) -> usize {
+        self.unasked_pipelining.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.

@@ -62,9 +62,12 @@ fn request_id(req: &Request<Incoming>) -> String {
         })
         .map(str::to_string)
         .unwrap_or_else(|| {
+            // The pid is read once: glibc does not cache getpid(), and it was one system call
+            // per request.
+            static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
             format!(
                 "req-{:x}-{}",
-                std::process::id(),
+                PID.get_or_init(std::process::id),
                 NEXT.fetch_add(1, Ordering::Relaxed)
             )
         })

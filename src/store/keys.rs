@@ -48,6 +48,30 @@ pub fn idempotency(app: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// First byte of the pruner's index keys in the `idempotency` keyspace. Record keys start with
+/// an app id (`[a-z0-9_-]{1,64}`, checked at config load), never with this byte.
+pub const IDEMPOTENCY_BY_TIME: u8 = 0;
+
+/// `idempotency` (the pruner's index): `\0` ‖ be_u64 created_at ‖ record key.
+pub fn idempotency_by_time(at: UnixTime, record: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + record.len());
+    k.push(IDEMPOTENCY_BY_TIME);
+    k.extend_from_slice(&at.0.to_be_bytes());
+    k.extend_from_slice(record);
+    k
+}
+
+/// Splits an index key of [`idempotency_by_time`] into its time and record key.
+pub fn parse_idempotency_by_time(k: &[u8]) -> Option<(UnixTime, &[u8])> {
+    let (&first, rest) = k.split_first()?;
+    if first != IDEMPOTENCY_BY_TIME {
+        return None;
+    }
+    let at: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    let record = rest.get(8..).filter(|r| !r.is_empty())?;
+    Some((UnixTime(u64::from_be_bytes(at)), record))
+}
+
 /// `outbox`: message id.
 pub fn outbox(id: MessageId) -> Vec<u8> {
     id.as_bytes().to_vec()
@@ -89,5 +113,24 @@ mod tests {
         let d = outbox_due(1, UnixTime(77), m);
         assert_eq!(parse_outbox_due(&d), Some((1, UnixTime(77), m)));
         assert_eq!(parse_outbox_due(&d[..10]), None);
+    }
+
+    #[test]
+    fn idempotency_index_keys_sort_by_time_before_every_record_key() {
+        let record = idempotency("app", "k1");
+        let late = idempotency_by_time(UnixTime(1000), &record);
+        let early = idempotency_by_time(UnixTime(256), &record);
+        assert!(early < late);
+        // The smallest possible app id ("-", 0x2d) still sorts after every index key.
+        assert!(late < idempotency("-", ""));
+        assert!(idempotency_by_time(UnixTime(u64::MAX), b"zzz") < idempotency("-", ""));
+        assert_eq!(
+            parse_idempotency_by_time(&late),
+            Some((UnixTime(1000), record.as_slice()))
+        );
+        // A record key, a cut index key and one without its record key are not index keys.
+        assert_eq!(parse_idempotency_by_time(&record), None);
+        assert_eq!(parse_idempotency_by_time(&late[..5]), None);
+        assert_eq!(parse_idempotency_by_time(&late[..9]), None);
     }
 }

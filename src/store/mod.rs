@@ -9,6 +9,7 @@
 //! | `current` | app `\0` purpose `\0` email | id of the verification in force |
 //! | `expiry` | be_u64 expires_at ‖ id | empty: the sweeper's index |
 //! | `idempotency` | app `\0` key | [`IdempotencyRecord`] |
+//! | `idempotency` | `\0` ‖ be_u64 created_at ‖ app `\0` key | empty: the pruner's index |
 //! | `outbox` | message id | [`OutboxEntry`] |
 //! | `outbox_due` | lane ‖ be_u64 due_at ‖ message id | empty: the workers' index |
 //!
@@ -250,6 +251,7 @@ impl Store {
             outbox: db.keyspace("outbox", records)?,
             outbox_due: db.keyspace("outbox_due", indexes)?,
         };
+        index_old_idempotency(&db, &ks.idempotency)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(StoreStats::default());
         let observer = Arc::new(OnceLock::new());
@@ -419,6 +421,34 @@ impl Store {
         }
     }
 
+    /// Forgets the idempotency answers created before `cutoff`, `batch` at a time (a read of
+    /// the index, then one write), batch after batch until none is left: one batch per run
+    /// could fall behind an app that sends more than a batch per interval. Returns the
+    /// records removed.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub async fn prune_idempotency(&self, cutoff: UnixTime, batch: usize) -> Result<usize> {
+        let mut removed = 0;
+        let mut after = None;
+        loop {
+            let stale = self
+                .read(move |r| r.stale_idempotency(after, cutoff, batch))
+                .await?;
+            let n = stale.len();
+            let Some(last) = stale.last() else {
+                return Ok(removed);
+            };
+            after = Some(last.clone());
+            removed += self
+                .write(move |tx| -> Result<usize> { tx.prune_idempotency(stale, cutoff) })
+                .await?;
+            if n < batch {
+                return Ok(removed);
+            }
+        }
+    }
+
     /// Stops the writer after the operations already queued, then fsyncs the journal.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
@@ -564,6 +594,44 @@ impl Writer {
             finish(committed.clone());
         }
     }
+}
+
+/// Gives idempotency records written before the pruner's index existed (releases up to 0.1)
+/// their index keys, once: a keyspace with records and no index key at all is such a store
+/// (every later write adds both). Runs at open, before the writer starts.
+fn index_old_idempotency(db: &Database, ks: &Keyspace) -> Result<()> {
+    /// Index keys per batch while back-filling.
+    const BATCH: usize = 10_000;
+    let first_record = vec![keys::IDEMPOTENCY_BY_TIME + 1];
+    if ks.prefix([keys::IDEMPOTENCY_BY_TIME]).next().is_some()
+        || ks.range(first_record.clone()..).next().is_none()
+    {
+        return Ok(());
+    }
+    let (mut batch, mut pending, mut total) = (db.batch(), 0, 0);
+    for g in ks.range(first_record..) {
+        let (k, v) = g.into_inner()?;
+        match codec::decode::<IdempotencyRecord>(&v) {
+            Ok(r) => {
+                batch.insert(ks, keys::idempotency_by_time(r.created_at, &k), Vec::new());
+                pending += 1;
+            }
+            Err(e) => {
+                // Never pruned, and never read as valid either; nothing is lost by keeping it.
+                tracing::warn!(error = %e, "unreadable idempotency record left unindexed");
+            }
+        }
+        if pending == BATCH {
+            total += pending;
+            std::mem::replace(&mut batch, db.batch()).commit()?;
+            pending = 0;
+        }
+    }
+    total += pending;
+    batch.commit()?;
+    db.persist(PersistMode::SyncAll)?;
+    tracing::info!(records = total, "indexed idempotency records for pruning");
+    Ok(())
 }
 
 /// Where `v` stands in the expiry index: at its expiry while pending, else nowhere.
@@ -736,22 +804,45 @@ impl Tx<'_> {
             .transpose()
     }
 
-    /// Remembers an idempotency answer.
+    /// Remembers an idempotency answer, indexed by its `created_at` for the pruner. (An index
+    /// key left behind by an overwritten record is harmless: see [`Tx::prune_idempotency`].)
     ///
     /// # Errors
     /// Encode failure.
     pub fn put_idempotency(&mut self, app: &str, key: &str, r: &IdempotencyRecord) -> Result<()> {
+        let record = keys::idempotency(app, key);
         self.put_raw(
             Ks::Idempotency,
-            keys::idempotency(app, key),
-            codec::encode(r)?,
+            keys::idempotency_by_time(r.created_at, &record),
+            Vec::new(),
         );
+        self.put_raw(Ks::Idempotency, record, codec::encode(r)?);
         Ok(())
     }
 
-    /// Forgets an idempotency answer.
-    pub fn delete_idempotency_raw(&mut self, key: Vec<u8>) {
-        self.del_raw(Ks::Idempotency, key);
+    /// Removes the index keys `stale` (from [`Reader::stale_idempotency`]) and each one's
+    /// record when that record was created before `cutoff`; a record answered again since
+    /// (overwritten, with a newer index key) stays. Returns the records removed.
+    ///
+    /// # Errors
+    /// Engine or decode failure.
+    pub fn prune_idempotency(&mut self, stale: Vec<Vec<u8>>, cutoff: UnixTime) -> Result<usize> {
+        let mut removed = 0;
+        for index in stale {
+            if let Some((_, record)) = keys::parse_idempotency_by_time(&index) {
+                let record = record.to_vec();
+                let old = self
+                    .get_raw(Ks::Idempotency, &record)?
+                    .map(|b| codec::decode::<IdempotencyRecord>(&b))
+                    .transpose()?;
+                if old.is_some_and(|r| r.created_at < cutoff) {
+                    self.del_raw(Ks::Idempotency, record);
+                    removed += 1;
+                }
+            }
+            self.del_raw(Ks::Idempotency, index);
+        }
+        Ok(removed)
     }
 
     /// An outbox entry.
@@ -990,21 +1081,31 @@ impl Reader {
             .transpose()
     }
 
-    /// Idempotency keys remembered since before `cutoff` (for pruning), at most `limit`.
+    /// Index keys of idempotency answers created before `cutoff`, oldest first, after the
+    /// index key `after` (exclusive) when given, at most `limit` (for
+    /// [`Tx::prune_idempotency`]). A range read of the index: the pruner's cost follows what
+    /// is stale, not everything remembered, and resuming after the last batch skips the
+    /// tombstones that batch left.
     ///
     /// # Errors
-    /// Engine or decode failure.
-    pub fn stale_idempotency(&self, cutoff: UnixTime, limit: usize) -> Result<Vec<Vec<u8>>> {
-        let mut out = Vec::new();
-        for g in self.ks.idempotency.iter() {
-            let (k, v) = g.into_inner()?;
-            let r: IdempotencyRecord = codec::decode(&v)?;
-            if r.created_at < cutoff {
-                out.push(k.to_vec());
-                if out.len() >= limit {
-                    break;
-                }
+    /// Engine failure.
+    pub fn stale_idempotency(
+        &self,
+        after: Option<Vec<u8>>,
+        cutoff: UnixTime,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let start = match after {
+            Some(mut k) => {
+                k.push(0);
+                k
             }
+            None => vec![keys::IDEMPOTENCY_BY_TIME],
+        };
+        let end = keys::idempotency_by_time(cutoff, &[]);
+        let mut out = Vec::new();
+        for g in self.ks.idempotency.range(start..end).take(limit) {
+            out.push(g.key()?.to_vec());
         }
         Ok(out)
     }
@@ -1312,6 +1413,137 @@ mod tests {
             .expect("read")
             .expect("present");
         assert_eq!((read.locale.as_str(), read.email), ("de", v.email));
+    }
+
+    fn answered(at: u64) -> IdempotencyRecord {
+        IdempotencyRecord {
+            request_hash: "h".into(),
+            status: 202,
+            body: "{}".into(),
+            created_at: UnixTime(at),
+        }
+    }
+
+    fn index_times(keys: &[Vec<u8>]) -> Vec<u64> {
+        keys.iter()
+            .filter_map(|k| keys::parse_idempotency_by_time(k))
+            .map(|(at, _)| at.0)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn idempotency_answers_are_pruned_by_age_batch_after_batch() {
+        let (_dir, store) = open();
+        store
+            .write(|tx| -> Result<(), TestError> {
+                // "a" is answered again at 9000: a newer record over an older index key.
+                for (key, at) in [
+                    ("a", 1000),
+                    ("b", 2000),
+                    ("c", 3000),
+                    ("d", 4000),
+                    ("e", 5000),
+                    ("a", 9000),
+                ] {
+                    tx.put_idempotency("app", key, &answered(at))?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("write");
+        let r = store.reader();
+        let cutoff = UnixTime(4500);
+        // The index lists the stale ones oldest first and resumes after a given key.
+        let first = r.stale_idempotency(None, cutoff, 2).expect("stale");
+        assert_eq!(index_times(&first), [1000, 2000]);
+        let rest = r
+            .stale_idempotency(first.last().cloned(), cutoff, 10)
+            .expect("stale");
+        assert_eq!(index_times(&rest), [3000, 4000]);
+        // Two at a time: b, c and d go; a stays (answered again since), and so does e.
+        assert_eq!(store.prune_idempotency(cutoff, 2).await.expect("prune"), 3);
+        for (key, kept) in [
+            ("a", true),
+            ("b", false),
+            ("c", false),
+            ("d", false),
+            ("e", true),
+        ] {
+            assert_eq!(
+                r.idempotency("app", key).expect("read").is_some(),
+                kept,
+                "{key}"
+            );
+        }
+        assert_eq!(
+            r.idempotency("app", "a")
+                .expect("read")
+                .map(|x| x.created_at),
+            Some(UnixTime(9000))
+        );
+        assert!(
+            r.stale_idempotency(None, cutoff, 10)
+                .expect("stale")
+                .is_empty()
+        );
+        // The index keys that are left belong to the records that are left.
+        let left = r
+            .stale_idempotency(None, UnixTime(u64::MAX), 10)
+            .expect("stale");
+        assert_eq!(index_times(&left), [5000, 9000]);
+        assert_eq!(
+            store
+                .prune_idempotency(UnixTime(10_000), 2)
+                .await
+                .expect("prune"),
+            2
+        );
+        assert!(
+            r.stale_idempotency(None, UnixTime(u64::MAX), 10)
+                .expect("stale")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn idempotency_answers_stored_before_the_index_are_indexed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // What a release without the pruner's index left on disk: records only.
+            let db = Database::builder(dir.path().join("db"))
+                .open()
+                .expect("fjall");
+            let ks = db
+                .keyspace("idempotency", KeyspaceCreateOptions::default)
+                .expect("keyspace");
+            for (key, at) in [("old", 1000), ("new", 5000)] {
+                let value = codec::encode(&answered(at)).expect("encode");
+                ks.insert(keys::idempotency("app", key), value)
+                    .expect("insert");
+            }
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        for _ in 0..2 {
+            // Opening twice indexes once: the keys are the same either way.
+            let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+            let all = store
+                .reader()
+                .stale_idempotency(None, UnixTime(u64::MAX), 10)
+                .expect("stale");
+            assert_eq!(index_times(&all), [1000, 5000]);
+            store.close().await;
+        }
+        let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+        assert_eq!(
+            store
+                .prune_idempotency(UnixTime(2000), 512)
+                .await
+                .expect("prune"),
+            1
+        );
+        let r = store.reader();
+        assert!(r.idempotency("app", "old").expect("read").is_none());
+        assert!(r.idempotency("app", "new").expect("read").is_some());
     }
 
     #[tokio::test]

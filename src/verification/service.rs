@@ -1305,24 +1305,7 @@ impl Service {
                 .0
                 .saturating_sub(self.0.policy.idempotency_ttl_seconds.saturating_mul(1000)),
         );
-        let stale = self
-            .0
-            .store
-            .read(move |r| r.stale_idempotency(cutoff, SWEEP_BATCH))
-            .await?;
-        let n = stale.len();
-        if n > 0 {
-            self.0
-                .store
-                .write(move |tx| -> Result<()> {
-                    for k in stale {
-                        tx.delete_idempotency_raw(k);
-                    }
-                    Ok(())
-                })
-                .await?;
-        }
-        Ok(n)
+        Ok(self.0.store.prune_idempotency(cutoff, SWEEP_BATCH).await?)
     }
 
     /// Writes the delivery-failed transition and its callback (used by the outbox worker).

@@ -394,10 +394,16 @@ async fn metrics(state: &ApiState) -> Resp {
                     Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
                     None => r.scheduled_count(lane)?,
                 };
-                let oldest = r
-                    .next_due(lane)?
-                    .map(|at| at.until(now).as_secs())
-                    .unwrap_or(0);
+                // With nothing scheduled there is no oldest entry, and no need to walk the
+                // tombstones a drain leaves at the front of the due index (32 ms of a scrape
+                // after 167k deliveries).
+                let oldest = if n == 0 {
+                    0
+                } else {
+                    r.next_due(lane)?
+                        .map(|at| at.until(now).as_secs())
+                        .unwrap_or(0)
+                };
                 out.push((label, n, oldest));
             }
             Ok(out)

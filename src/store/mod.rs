@@ -1368,18 +1368,23 @@ mod tests {
         }
     }
 
+    /// The database in `dir` opened with fjall directly, and its keyspace `name`: for writing
+    /// what an older release left on disk.
+    fn older_release(dir: &Path, name: &str) -> (Database, Keyspace) {
+        let db = Database::builder(dir.join("db")).open().expect("fjall");
+        let ks = db
+            .keyspace(name, KeyspaceCreateOptions::default)
+            .expect("keyspace");
+        (db, ks)
+    }
+
     #[tokio::test]
     async fn a_store_written_in_json_by_an_older_release_opens_and_updates() {
         let dir = tempfile::tempdir().expect("tempdir");
         let v = codec::sample_verification(true);
         {
             // What a release before the binary format left on disk: version 1, JSON.
-            let db = Database::builder(dir.path().join("db"))
-                .open()
-                .expect("fjall");
-            let ks = db
-                .keyspace("verifications", KeyspaceCreateOptions::default)
-                .expect("keyspace");
+            let (db, ks) = older_release(dir.path(), "verifications");
             let mut old = vec![1u8];
             serde_json::to_writer(&mut old, &v).expect("json");
             ks.insert(keys::verification(v.id), old).expect("insert");
@@ -1510,12 +1515,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             // What a release without the pruner's index left on disk: records only.
-            let db = Database::builder(dir.path().join("db"))
-                .open()
-                .expect("fjall");
-            let ks = db
-                .keyspace("idempotency", KeyspaceCreateOptions::default)
-                .expect("keyspace");
+            let (db, ks) = older_release(dir.path(), "idempotency");
             for (key, at) in [("old", 1000), ("new", 5000)] {
                 let value = codec::encode(&answered(at)).expect("encode");
                 ks.insert(keys::idempotency("app", key), value)

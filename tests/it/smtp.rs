@@ -8,7 +8,7 @@ use verigate::config::SmtpTls;
 use verigate::outbox::smtp::{SmtpConfig, SmtpMetrics, SmtpTransport};
 use verigate::outbox::transport::{Outcome, OutgoingMail};
 
-use crate::support::fake_smtp::{FakeSmtp, ScriptedSmtp, SelfSigned};
+use crate::support::fake_smtp::{Captured, FakeSmtp, ScriptedSmtp, SelfSigned};
 
 /// Connect, command and data timeout in these tests, in milliseconds.
 const SHORT_MS: u64 = 300;
@@ -46,6 +46,16 @@ fn mail(to: &str) -> OutgoingMail {
     }
 }
 
+/// `got` is [`DOTTED`] from our envelope sender to `to`, byte for byte.
+fn assert_dotted_arrived(got: &Captured, to: &str) {
+    assert_eq!(got.from, "bounces@verigate.test");
+    assert_eq!(got.to, [to]);
+    assert_eq!(
+        String::from_utf8_lossy(&got.data),
+        String::from_utf8_lossy(DOTTED)
+    );
+}
+
 fn class(m: &SmtpMetrics, class: &str) -> u64 {
     m.replies.with_label_values(&[class]).get()
 }
@@ -70,12 +80,7 @@ async fn a_250_delivers_and_the_bytes_arrive_intact_dots_included() {
     assert_eq!(out, Outcome::Delivered);
     let got = relay.received().lock().expect("inbox").clone();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].from, "bounces@verigate.test");
-    assert_eq!(got[0].to, ["ok@x.test"]);
-    assert_eq!(
-        String::from_utf8_lossy(&got[0].data),
-        String::from_utf8_lossy(DOTTED)
-    );
+    assert_dotted_arrived(&got[0], "ok@x.test");
     assert_eq!(class(&m, "2xx"), 1);
     assert_eq!(m.send_duration.get_sample_count(), 1);
 }
@@ -135,12 +140,7 @@ async fn a_relay_offering_pipelining_gets_the_envelope_in_one_write() {
     }
     let got = relay.messages();
     assert_eq!(got.len(), 2);
-    assert_eq!(got[1].from, "bounces@verigate.test");
-    assert_eq!(got[1].to, ["b@x.test"]);
-    assert_eq!(
-        String::from_utf8_lossy(&got[1].data),
-        String::from_utf8_lossy(DOTTED)
-    );
+    assert_dotted_arrived(&got[1], "b@x.test");
     assert_eq!(relay.connections(), 1);
     assert_eq!(class(&m, "2xx"), 2);
 }

@@ -83,8 +83,9 @@ TIMER="$HERE/ready_timer.py"
 KEY="bench-key-0123456789abcdef"
 NONCE="$(date +%s)$$"
 
-log() { printf '[backlog %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+BENCH_TAG=backlog
+# shellcheck source=benches/lib.sh
+source "$HERE/lib.sh"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 for p in $PARTS; do
     case "$p" in memory | startup | recovery) ;; *) die "unknown part '$p' in PARTS" ;; esac
@@ -134,7 +135,6 @@ if [[ -n "$BASELINE_BINARY" ]]; then
     BASELINE="$TMP/baseline_server"
 fi
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$API_PORT" "$PUBLIC_PORT" ${BASELINE:+"$BASELINE_PORT"}; do
     port_busy "$p" && die "port $p is already in use (set API_PORT / PUBLIC_PORT / BASELINE_PORT)"
 done
@@ -179,25 +179,8 @@ ready_requires_transport = false
 host = "127.0.0.1"
 port = $DEAD_PORT
 tls = "none"
-
-[dns]
-check_on_create = false
-
-[log]
-level = "warn"
-
-[limits]
-per_address = []
-per_domain = []
-per_client_ip = []
-per_app = []
-code_checks_per_client_ip = []
-code_checks_per_verification = []
-
-[[apps]]
-id = "bench"
-api_keys = ["$KEY"]
 EOF
+    bench_config_tail "$KEY" >>"$1"
 }
 write_config "$TMP/check.toml" "$TMP/run-check"
 "$VERIGATE" config check --config "$TMP/check.toml" >/dev/null 2>"$TMP/config-check.err" ||
@@ -226,7 +209,6 @@ stop_baseline() {
     kill -9 "$BL_PID" 2>/dev/null || true
     BL_PID=""
 }
-kv() { local x; for x in $1; do [[ "$x" == "$2="* ]] && { echo "${x#*=}"; return; }; done; echo "?"; }
 STOP_SECS=""
 stop_vg() { # SIGTERM, SIGKILL after 60 s → STOP_SECS
     local t0=$EPOCHREALTIME
@@ -242,9 +224,6 @@ stop_vg() { # SIGTERM, SIGKILL after 60 s → STOP_SECS
     VG_PID=""
 }
 HZ=$(getconf CLK_TCK)
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 METRICS_SECS=""
 METRICS=""
 scrape() { # → METRICS, METRICS_SECS
@@ -384,9 +363,9 @@ fi
 # as mem.PREFIX_* results.
 settle() { # prefix
     local samples="" c0
-    c0=$(cpu_ticks "$VG_PID")
+    c0=$(proc_ticks "$VG_PID")
     for _ in $(seq "$MEM_SETTLE"); do sleep 1; samples+=" $(status_kib "$VG_PID" VmRSS)"; done
-    out "mem.$1_cpu_after_ready_ms" "$(( ($(cpu_ticks "$VG_PID") - c0) * 1000 / HZ ))"
+    out "mem.$1_cpu_after_ready_ms" "$(( ($(proc_ticks "$VG_PID") - c0) * 1000 / HZ ))"
     out "mem.$1_rss_samples_kib" "${samples# }"
     out "mem.$1_rss_kib" "$(status_kib "$VG_PID" VmRSS)"
     out "mem.$1_hwm_kib" "$(status_kib "$VG_PID" VmHWM)"

@@ -97,8 +97,9 @@ NONCE="$(date +%s)$$"
 HZ=$(getconf CLK_TCK)
 NCPU=$(nproc)
 
-log() { printf '[delivery %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+BENCH_TAG=delivery
+# shellcheck source=benches/lib.sh
+source "$HERE/lib.sh"
 
 (( N >= 100 )) || die "N must be at least 100"
 (( PACED_SECONDS >= 3 )) || die "PACED_SECONDS must be at least 3"
@@ -196,7 +197,6 @@ else
     VERIGATE="$TMP/verigate"
 fi
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$SINK_PORT" "$FILL_SINK_PORT" "$DUMP_SINK_PORT" "$API_PORT" "$PUBLIC_PORT"; do
     port_busy "$p" && die "port $p is already in use (set SINK_PORT / FILL_SINK_PORT / DUMP_SINK_PORT / API_PORT / PUBLIC_PORT)"
 done
@@ -222,13 +222,6 @@ sink_count() { # sink stdout file → messages received so far ("mesg=" of its l
     local v
     v=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2 || true)
     echo "${v:-0}"
-}
-proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
-kv() { # "k=v k=v" key → value
-    local x
-    for x in $1; do [[ "$x" == "$2="* ]] && { echo "${x#*=}"; return; }; done
-    echo "?"
 }
 calc() { awk "BEGIN { $1 }"; }
 
@@ -260,27 +253,8 @@ tls = "none"
 pool_size = $3
 helo_name = "verigate.bench"
 ${8:-}
-
-[dns]
-# No network here, and the benchmark is about delivery, not the resolver.
-check_on_create = false
-
-[log]
-level = "warn"
-
-[limits]
-# Every address shares example.com and all traffic is one app: limits would refuse creates.
-per_address = []
-per_domain = []
-per_client_ip = []
-per_app = []
-code_checks_per_client_ip = []
-code_checks_per_verification = []
-
-[[apps]]
-id = "bench"
-api_keys = ["$KEY"]
 EOF
+    bench_config_tail "$KEY" >>"$1"
 }
 
 metrics() { curl -fsS --max-time 10 "http://127.0.0.1:$API_PORT/metrics"; }
@@ -313,7 +287,6 @@ stop_verigate() { # SIGTERM (graceful: in-flight deliveries finish, the store is
     wait "$VG_PID" 2>/dev/null || true
     VG_PID=""
 }
-rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 CREATE_RES=""
 CREATE_SECS=""
@@ -499,8 +472,8 @@ drain() { # key workers max_per_second window skip [sink_out sink_pid sink_port]
     BG_PIDS=("${BG_PIDS[@]/$wpid}")
     line=$(cat "$TMP/watch-$key.txt")
     wait_healthz
-    R[$key.rss]=$(rss_kib "$VG_PID" VmRSS)
-    R[$key.hwm]=$(rss_kib "$VG_PID" VmHWM)
+    R[$key.rss]=$(status_kib "$VG_PID" VmRSS)
+    R[$key.hwm]=$(status_kib "$VG_PID" VmHWM)
     m=$(metrics)
     echo "$m" >"$TMP/metrics-$key.txt"
     record_run "$key" "$line" "$m"
@@ -577,8 +550,8 @@ if [[ "$LIVE" == 1 ]]; then
     line=$(cat "$TMP/watch-live.txt")
     m=$(metrics)
     echo "$m" >"$TMP/metrics-live.txt"
-    R[live.rss]=$(rss_kib "$VG_PID" VmRSS)
-    R[live.hwm]=$(rss_kib "$VG_PID" VmHWM)
+    R[live.rss]=$(status_kib "$VG_PID" VmRSS)
+    R[live.hwm]=$(status_kib "$VG_PID" VmHWM)
     record_run live "$line" "$m"
     live_created=$(metric_sum "$m" '^verigate_verifications_total\{event="created"')
     c_at_end=$(awk -v t="$t_w1" '$1 <= t { c = $2 } END { print c + 0 }' "$TMP/trace-live.txt")
@@ -600,7 +573,6 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 9. report
 FSYNC_END=$(fsync_probe)
-mib() { calc "printf \"%.1f\", $1 / 1024"; }
 echo
 echo "verigate delivery benchmark: $BACKLOG-mail backlog ($METHOD, $SIZE bytes each $SIZE_NOTE) -> smtp-sink on 127.0.0.1:$SINK_PORT"
 echo "machine: $NCPU CPUs, shared by sink, sender and client; disk fdatasync at start $FSYNC; at end $FSYNC_END"

@@ -73,8 +73,9 @@ SEED_LUA="$HERE/delivery.lua"   # creates an exact number of verifications, then
 KEY="bench-key-0123456789abcdef"   # plain API key (development form), ≥ 16 chars
 NONCE="$(date +%s)$$"
 
-log() { printf '[load %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+BENCH_TAG=load
+# shellcheck source=benches/lib.sh
+source "$HERE/lib.sh"
 
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 for s in $SCENARIOS; do
@@ -147,7 +148,6 @@ cp "$BASELINE" "$TMP/baseline_server"
 VERIGATE="$TMP/verigate"
 BASELINE="$TMP/baseline_server"
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$API_PORT" "$PUBLIC_PORT" "$BASELINE_PORT"; do
     port_busy "$p" && die "port $p is already in use (set API_PORT / PUBLIC_PORT / BASELINE_PORT)"
 done
@@ -171,64 +171,17 @@ keys = ["k1:$SIGNING_SECRET"]
 # (The link phase switches to transport = "file": the links are read from the .eml files.)
 transport = "log"
 
-[log]
-level = "warn"
-
 [verification]
 # The check scenario sends wrong codes round robin over a pool of code verifications; a large
 # budget keeps every one of them pending with attempts left, so each check is the full durable
 # path (read, MAC compare, attempt counter written and fsync'd) and never the cheap 423 locked.
 # The budget is a number in the record; it does not change the work of one check.
 max_attempts = 1000000
-
-[[apps]]
-id = "bench"
-api_keys = ["$KEY"]
 EOF
+bench_config_tail "$KEY" >>"$CONFIG"
 
-# Settings that later versions add (DESIGN §5, §8). Each is kept only if this build's
-# `config check` accepts it, so the script works before and after they land:
-#  - DNS checks on create would query example.com for every request (no network here; and it
-#    would measure the resolver, not the daemon);
-#  - rate limits (per_domain 600/1m, per_app 2000/1s, code checks per verification 10/1m by
-#    default) would turn the benchmark into a measurement of the limiter: every address here
-#    shares the domain example.com and all traffic is one app.
-# Afterwards the effective configuration is checked: a limit or DNS check still on is an error.
-optional=(
-    "dns|check_on_create = false"
-    "limits|per_address = []"
-    "limits|per_domain = []"
-    "limits|per_client_ip = []"
-    "limits|per_app = []"
-    "limits|code_checks_per_client_ip = []"
-    "limits|code_checks_per_verification = []"
-)
-cp "$CONFIG" "$TMP/base.toml"
-render_config() { # accepted entries... → config text
-    cat "$TMP/base.toml"
-    local table entry e seen=" "
-    for entry in "$@"; do
-        table=${entry%%|*}
-        [[ "$seen" == *" $table "* ]] && continue
-        seen+="$table "
-        printf '\n[%s]\n' "$table"
-        for e in "$@"; do
-            [[ "${e%%|*}" == "$table" ]] && printf '%s\n' "${e#*|}"
-        done
-    done
-}
 "$VERIGATE" config check --config "$CONFIG" >/dev/null 2>"$TMP/config-check.err" ||
-    { cat "$TMP/config-check.err" >&2; die "the base config is not valid"; }
-accepted=()
-for entry in "${optional[@]}"; do
-    render_config "${accepted[@]}" "$entry" >"$TMP/probe.toml"
-    if "$VERIGATE" config check --config "$TMP/probe.toml" >/dev/null 2>&1; then
-        accepted+=("$entry")
-        log "config: [${entry%%|*}] ${entry#*|}"
-    fi
-done
-render_config "${accepted[@]}" >"$CONFIG"
-rm -f "$TMP/probe.toml" "$TMP/base.toml"
+    { cat "$TMP/config-check.err" >&2; die "the bench config is not valid for this build"; }
 # The effective configuration, as `config check` prints it: no rate limit and no DNS check on.
 "$VERIGATE" config check --config "$CONFIG" >"$TMP/effective.toml" 2>/dev/null
 still_on=$(awk '
@@ -236,7 +189,7 @@ still_on=$(awk '
     sec == "[limits]" && /^(per_|code_checks_)[a-z_]* = \[.+\]/ { print sec " " $0 }
     sec == "[dns]" && /^check_on_create = true/ { print sec " " $0 }
 ' "$TMP/effective.toml")
-[[ -z "$still_on" ]] || die "this build keeps settings on that distort the benchmark (update the optional list in $0):
+[[ -z "$still_on" ]] || die "this build keeps settings on that distort the benchmark (see bench_config_tail in benches/lib.sh):
 $still_on"
 
 # 4. start both servers
@@ -266,7 +219,6 @@ stop_verigate() { # SIGTERM (graceful), then SIGKILL after 15 s
     wait "$VG_PID" 2>/dev/null || true
     VG_PID=""
 }
-status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 start_verigate create
 # Memory at idle: one second after the listener answered, before any API request.
@@ -311,8 +263,6 @@ wait_outbox_empty() { # timeout seconds → 0 when the email lane is empty
 # busy time, so that a run disturbed by other work on the machine shows up in the report.
 CLK_TCK=$(getconf CLK_TCK)
 NCPU=$(nproc)
-proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-machine_busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 
 declare -A RES CPU
 # label port mode method ids_out ids_in duration pid [creates per thread, 0 = no limit]
@@ -321,7 +271,7 @@ run_wrk() {
     local label=$1 port=$2 mode=$3 method=$4 ids_out=$5 ids_in=$6 dur=$7 pid=$8 marker=${11:--}
     local out="$TMP/wrk-$label.txt"
     local p0 m0 t0 p1 m1 t1 n
-    p0=$(proc_ticks "$pid"); m0=$(machine_busy_ticks); t0=$(date +%s.%N)
+    p0=$(proc_ticks "$pid"); m0=$(busy_ticks); t0=$(date +%s.%N)
     local how=""
     [[ "${10:-0}" != 0 ]] && how=" pace ${10} ms"
     [[ "$marker" != - ]] && how=" (until every token is used)"
@@ -344,7 +294,7 @@ run_wrk() {
         wait "$WRK_PID" || true
         WRK_PID=""
     fi
-    p1=$(proc_ticks "$pid"); m1=$(machine_busy_ticks); t1=$(date +%s.%N)
+    p1=$(proc_ticks "$pid"); m1=$(busy_ticks); t1=$(date +%s.%N)
     # server CPU % of one core, machine busy % of all cores
     CPU[$label]=$(awk -v p="$((p1 - p0))" -v m="$((m1 - m0))" -v t0="$t0" -v t1="$t1" \
         -v hz="$CLK_TCK" -v n="$NCPU" 'BEGIN { w = t1 - t0; printf "%.0f %.0f %.6f", 100 * p / hz / w, 100 * m / hz / w / n, p / hz }')

@@ -2,7 +2,7 @@
 # The whole benchmark suite, each benchmark with its baseline in the same run; writes
 # BENCHMARKS.md at the repository root (benches/README.md, "The suite: run.sh").
 #
-#   benches/run.sh /path/to/verigate                 # full run (~30 min on 2 cores)
+#   benches/run.sh /path/to/verigate                 # full run (~8 min on 2 cores)
 #   QUICK=1 benches/run.sh /path/to/verigate         # smoke test (~8 min): shorter runs, 100k pending
 #   SECTIONS="http memory startup" benches/run.sh /path/to/verigate
 #   VG_BINARY=/path/to/verigate OUT=/tmp/B.md benches/run.sh

@@ -596,9 +596,10 @@ impl Writer {
     }
 }
 
-/// Gives idempotency records written before the pruner's index existed (releases up to 0.1)
-/// their index keys, once: a keyspace with records and no index key at all is such a store
-/// (every later write adds both). Runs at open, before the writer starts.
+/// Gives idempotency records written before the pruner's index existed their index keys,
+/// once: a keyspace with records and no index key at all is such a store (every later write
+/// adds both). An unreadable record is indexed at time 0, so the next prune removes it. Runs
+/// at open, before the writer starts.
 fn index_old_idempotency(db: &Database, ks: &Keyspace) -> Result<()> {
     /// Index keys per batch while back-filling.
     const BATCH: usize = 10_000;
@@ -611,16 +612,9 @@ fn index_old_idempotency(db: &Database, ks: &Keyspace) -> Result<()> {
     let (mut batch, mut pending, mut total) = (db.batch(), 0, 0);
     for g in ks.range(first_record..) {
         let (k, v) = g.into_inner()?;
-        match codec::decode::<IdempotencyRecord>(&v) {
-            Ok(r) => {
-                batch.insert(ks, keys::idempotency_by_time(r.created_at, &k), Vec::new());
-                pending += 1;
-            }
-            Err(e) => {
-                // Never pruned, and never read as valid either; nothing is lost by keeping it.
-                tracing::warn!(error = %e, "unreadable idempotency record left unindexed");
-            }
-        }
+        let at = codec::decode::<IdempotencyRecord>(&v).map_or(UnixTime(0), |r| r.created_at);
+        batch.insert(ks, keys::idempotency_by_time(at, &k), Vec::new());
+        pending += 1;
         if pending == BATCH {
             total += pending;
             std::mem::replace(&mut batch, db.batch()).commit()?;
@@ -821,21 +815,28 @@ impl Tx<'_> {
     }
 
     /// Removes the index keys `stale` (from [`Reader::stale_idempotency`]) and each one's
-    /// record when that record was created before `cutoff`; a record answered again since
-    /// (overwritten, with a newer index key) stays. Returns the records removed.
+    /// record when that record was created before `cutoff` or cannot be read (it could never
+    /// answer a replay); a record answered again since (overwritten, with a newer index key)
+    /// stays. Returns the records removed.
     ///
     /// # Errors
-    /// Engine or decode failure.
+    /// Engine failure.
     pub fn prune_idempotency(&mut self, stale: Vec<Vec<u8>>, cutoff: UnixTime) -> Result<usize> {
         let mut removed = 0;
         for index in stale {
             if let Some((_, record)) = keys::parse_idempotency_by_time(&index) {
                 let record = record.to_vec();
-                let old = self
-                    .get_raw(Ks::Idempotency, &record)?
-                    .map(|b| codec::decode::<IdempotencyRecord>(&b))
-                    .transpose()?;
-                if old.is_some_and(|r| r.created_at < cutoff) {
+                let stale = match self.get_raw(Ks::Idempotency, &record)? {
+                    None => false,
+                    Some(b) => match codec::decode::<IdempotencyRecord>(&b) {
+                        Ok(r) => r.created_at < cutoff,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "unreadable idempotency record removed");
+                            true
+                        }
+                    },
+                };
+                if stale {
                     self.del_raw(Ks::Idempotency, record);
                     removed += 1;
                 }
@@ -1521,6 +1522,8 @@ mod tests {
                 ks.insert(keys::idempotency("app", key), value)
                     .expect("insert");
             }
+            ks.insert(keys::idempotency("app", "torn"), b"\x01{not json".to_vec())
+                .expect("insert");
             db.persist(PersistMode::SyncAll).expect("persist");
         }
         for _ in 0..2 {
@@ -1530,7 +1533,8 @@ mod tests {
                 .reader()
                 .stale_idempotency(None, UnixTime(u64::MAX), 10)
                 .expect("stale");
-            assert_eq!(index_times(&all), [1000, 5000]);
+            // The unreadable one at time 0: the next prune takes it.
+            assert_eq!(index_times(&all), [0, 1000, 5000]);
             store.close().await;
         }
         let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
@@ -1539,10 +1543,12 @@ mod tests {
                 .prune_idempotency(UnixTime(2000), 512)
                 .await
                 .expect("prune"),
-            1
+            2
         );
         let r = store.reader();
         assert!(r.idempotency("app", "old").expect("read").is_none());
+        // Still there, it would fail to decode here.
+        assert!(r.idempotency("app", "torn").expect("gone").is_none());
         assert!(r.idempotency("app", "new").expect("read").is_some());
     }
 

@@ -426,27 +426,37 @@ async fn credentials_are_sent_when_configured() {
 
 #[tokio::test]
 async fn starttls_with_a_self_signed_certificate_works_when_invalid_certs_are_accepted() {
-    let relay = ScriptedSmtp::new()
-        .starttls(&SelfSigned::localhost())
-        .start()
-        .await;
-    let (t, m) = transport(&SmtpConfig {
-        tls: SmtpTls::Starttls,
-        accept_invalid_certs: true,
-        ..config(relay.port())
-    });
-    let out = t
-        .send(OutgoingMail {
-            bytes: DOTTED.to_vec(),
-            ..mail("ok@x.test")
-        })
-        .await;
-    assert_eq!(out, Outcome::Delivered);
-    assert_eq!(relay.messages()[0].data, DOTTED);
-    assert!(relay.commands().iter().any(|c| c == "STARTTLS"));
-    assert_eq!(t.send(mail("b@x.test")).await, Outcome::Delivered);
-    assert_eq!(m.connections_opened.get(), 1, "TLS sessions are pooled too");
-    assert!(t.probe().await);
+    for pipelining in [false, true] {
+        let mut relay = ScriptedSmtp::new().starttls(&SelfSigned::localhost());
+        if pipelining {
+            relay = relay.pipelining();
+        }
+        let relay = relay.start().await;
+        let (t, m) = transport(&SmtpConfig {
+            tls: SmtpTls::Starttls,
+            accept_invalid_certs: true,
+            ..config(relay.port())
+        });
+        let out = t
+            .send(OutgoingMail {
+                bytes: DOTTED.to_vec(),
+                ..mail("ok@x.test")
+            })
+            .await;
+        assert_eq!(out, Outcome::Delivered, "pipelining {pipelining}");
+        assert_eq!(relay.messages()[0].data, DOTTED);
+        assert!(relay.commands().iter().any(|c| c == "STARTTLS"));
+        assert_eq!(t.send(mail("b@x.test")).await, Outcome::Delivered);
+        assert_eq!(m.connections_opened.get(), 1, "TLS sessions are pooled too");
+        // EHLO again inside TLS (RFC 3207): what was offered in clear text is forgotten.
+        let ehlos = relay
+            .commands()
+            .iter()
+            .filter(|c| c.starts_with("EHLO"))
+            .count();
+        assert_eq!(ehlos, 2);
+        assert!(t.probe().await);
+    }
 }
 
 #[tokio::test]

@@ -180,10 +180,9 @@ max_attempts = 1000000
 EOF
 bench_config_tail "$KEY" >>"$CONFIG"
 
-"$VERIGATE" config check --config "$CONFIG" >/dev/null 2>"$TMP/config-check.err" ||
-    { cat "$TMP/config-check.err" >&2; die "the bench config is not valid for this build"; }
 # The effective configuration, as `config check` prints it: no rate limit and no DNS check on.
-"$VERIGATE" config check --config "$CONFIG" >"$TMP/effective.toml" 2>/dev/null
+"$VERIGATE" config check --config "$CONFIG" >"$TMP/effective.toml" 2>"$TMP/config-check.err" ||
+    { cat "$TMP/config-check.err" >&2; die "the bench config is not valid for this build"; }
 still_on=$(awk '
     /^\[/ { sec = $0; next }
     sec == "[limits]" && /^(per_|code_checks_)[a-z_]* = \[.+\]/ { print sec " " $0 }

@@ -6,7 +6,8 @@
 //! for every synced write, see [`crate::store::Store::on_commit`]); a change for a verification
 //! nobody watches costs one hash lookup. Each watched verification has one
 //! `tokio::sync::watch` channel holding the latest [`Snapshot`]: watchers only ever need the
-//! newest state, so a slow watcher never queues messages, it skips to the latest. No connection polls the store.
+//! newest state, so a slow watcher never queues messages, it skips to the latest. No
+//! connection polls the store.
 //!
 //! Bounds: at most `watch.max_connections` watchers in all and `watch.max_per_verification` on
 //! one verification; a watcher lives at most until its verification is final (the watch token

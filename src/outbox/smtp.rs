@@ -1017,11 +1017,7 @@ where
             .cmd(b"DATA\r\n")
             .await
             .map_err(Failure::at(Stage::Data))?;
-        if reply.code != CODE_START_DATA {
-            return Err(Failure::at(Stage::Data)(mail_send::Error::UnexpectedReply(
-                reply,
-            )));
-        }
+        data_started(reply)?;
     }
     let block = data_block(&mail.bytes);
     client.timeout = inner.data_timeout;
@@ -1048,11 +1044,11 @@ fn envelope_replies(replies: Vec<Response<String>>) -> Result<(), Failure> {
             mail_send::Error::UnparseableReply,
         ));
     };
-    let data_started = data.code == CODE_START_DATA;
+    let out_of_step = data.code == CODE_START_DATA;
     let failed = |stage, reply| Failure {
         stage,
         error: mail_send::Error::UnexpectedReply(reply),
-        out_of_step: data_started,
+        out_of_step,
     };
     if !is_positive(&mail) {
         return Err(failed(Stage::MailFrom, mail));
@@ -1060,11 +1056,16 @@ fn envelope_replies(replies: Vec<Response<String>>) -> Result<(), Failure> {
     if !is_positive(&rcpt) {
         return Err(failed(Stage::RcptTo, rcpt));
     }
-    if data_started {
+    data_started(data)
+}
+
+/// The reply to DATA: 354, or the transaction stops at the DATA stage.
+fn data_started(reply: Response<String>) -> Result<(), Failure> {
+    if reply.code == CODE_START_DATA {
         Ok(())
     } else {
         Err(Failure::at(Stage::Data)(mail_send::Error::UnexpectedReply(
-            data,
+            reply,
         )))
     }
 }

@@ -427,7 +427,7 @@ impl Store {
     /// records removed.
     ///
     /// # Errors
-    /// Engine or decode failure.
+    /// Engine failure.
     pub async fn prune_idempotency(&self, cutoff: UnixTime, batch: usize) -> Result<usize> {
         let mut removed = 0;
         let mut after = None;
@@ -826,7 +826,7 @@ impl Tx<'_> {
         for index in stale {
             if let Some((_, record)) = keys::parse_idempotency_by_time(&index) {
                 let record = record.to_vec();
-                let stale = match self.get_raw(Ks::Idempotency, &record)? {
+                let remove = match self.get_raw(Ks::Idempotency, &record)? {
                     None => false,
                     Some(b) => match codec::decode::<IdempotencyRecord>(&b) {
                         Ok(r) => r.created_at < cutoff,
@@ -836,7 +836,7 @@ impl Tx<'_> {
                         }
                     },
                 };
-                if stale {
+                if remove {
                     self.del_raw(Ks::Idempotency, record);
                     removed += 1;
                 }

@@ -1300,11 +1300,8 @@ impl Service {
     /// # Errors
     /// A store failure.
     pub async fn prune_idempotency(&self) -> Result<usize> {
-        let cutoff = UnixTime(
-            self.now()
-                .0
-                .saturating_sub(self.0.policy.idempotency_ttl_seconds.saturating_mul(1000)),
-        );
+        let ttl = Duration::from_secs(self.0.policy.idempotency_ttl_seconds);
+        let cutoff = self.now().minus(ttl);
         Ok(self.0.store.prune_idempotency(cutoff, SWEEP_BATCH).await?)
     }
 

@@ -7,6 +7,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The patched storage engine ([patch.crates-io] in Cargo.toml, vendor/README.md).
+COPY vendor ./vendor
 COPY benches ./benches
 COPY static ./static
 COPY openapi ./openapi

@@ -120,7 +120,8 @@ def json_or_shell(args):
 
 
 def crate_inputs():
-    """Repository paths the build needs: Cargo target files and include_*! sources."""
+    """Repository paths the build needs: Cargo target files, path dependencies and include_*!
+    sources."""
     with open(os.path.join(REPO, "Cargo.toml"), "rb") as f:
         manifest = tomllib.load(f)
     paths = {"Cargo.toml", "Cargo.lock"}
@@ -129,6 +130,12 @@ def crate_inputs():
         for t in targets if isinstance(targets, list) else [targets]:
             if "path" in t:
                 paths.add(posixpath.normpath(t["path"]))
+    # Path dependencies, among them the patched engine under vendor/ ([patch.crates-io]).
+    deps = [manifest.get("dependencies", {})] + list(manifest.get("patch", {}).values())
+    for table in deps:
+        for spec in table.values():
+            if isinstance(spec, dict) and "path" in spec:
+                paths.add(posixpath.normpath(spec["path"]))
     for rs in glob.glob(os.path.join(REPO, "src", "**", "*.rs"), recursive=True):
         for m in re.finditer(r'include_(?:str|bytes)!\(\s*"([^"]+)"', open(rs).read()):
             p = os.path.normpath(os.path.join(os.path.dirname(rs), m.group(1)))

@@ -96,6 +96,12 @@ if (( NEED_BL )); then
     cp "$BASELINE_BINARY" "$RUN_DIR/bin/baseline_server"
 fi
 BL="$RUN_DIR/bin/baseline_server"
+# The syntax reference, on a fresh machine (the other sections install wrk and postfix).
+if has syntax && ! python3 -c 'import email_validator' 2>/dev/null; then
+    log "installing email-validator 2.4.0 (pip) for the syntax section"
+    python3 -m pip install --quiet --disable-pip-version-check email-validator==2.4.0 >&2 ||
+        die "pip install email-validator failed"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # machine and software

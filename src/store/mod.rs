@@ -235,10 +235,10 @@ impl Store {
             .cache_size(cfg.cache_mib.saturating_mul(1 << 20))
             .worker_threads(cfg.worker_threads.max(1))
             .open()?;
-        // Records get the full memtable, the key-only indexes half: every flush of a
-        // keyspace ends in a version change that holds the keyspace's lock across four fsyncs
-        // (lsm-tree's `persist_version`), and a write that lands meanwhile waits, so fewer,
-        // larger flushes of the big records keep the tail latency down (BENCHMARKS.md).
+        // Records get the full memtable, the key-only indexes half: each flush writes a table
+        // whose I/O the commits' fsyncs queue behind, so fewer, larger flushes of the big
+        // records keep the tail latency down (BENCHMARKS.md). (Writes no longer wait for the
+        // version change that ends a flush: vendor/README.md.)
         let record = cfg.memtable_mib.max(1).saturating_mul(1 << 20);
         let index = (record / 2).max(1 << 20);
         let records = || KeyspaceCreateOptions::default().max_memtable_size(record);

@@ -1169,6 +1169,49 @@ mod tests {
         }
     }
 
+    /// Read-modify-write of one key from many tasks at once: most increments share a group
+    /// with others, so one is lost if an operation does not see the writes of the operations
+    /// before it in its group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_modify_writes_from_many_tasks_lose_no_update() {
+        const N: u32 = 600;
+        let (_dir, store) = open();
+        let count = |tx: &Tx<'_>| -> Result<u32, TestError> {
+            let id = tx.current("a", "p", "counter")?;
+            Ok(id.map_or(0, |id| {
+                let b = id.as_bytes();
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+            }))
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..N {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .write(move |tx| -> Result<(), TestError> {
+                        let mut b = [0u8; 16];
+                        b[..4].copy_from_slice(&(count(tx)? + 1).to_be_bytes());
+                        tx.set_current("a", "p", "counter", VerificationId::from_bytes(b));
+                        Ok(())
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("write");
+        }
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        let total = store
+            .write(move |tx| count(tx))
+            .await
+            .expect("read the counter");
+        assert_eq!(total, N);
+        assert!(
+            commits > 1 && commits < u64::from(N),
+            "{commits} commits: the writes should have been grouped, in more than one group"
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_operation_leaves_no_writes_and_a_panic_does_not_stop_the_writer() {
         let (_dir, store) = open();

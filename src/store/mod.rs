@@ -1132,29 +1132,37 @@ mod tests {
         Refused,
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writes_share_commits_and_all_land() {
-        let (_dir, store) = open();
-        let mut tasks = Vec::new();
-        for i in 0..200u32 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .write(move |tx| -> Result<(), TestError> {
-                        tx.set_current(
-                            "app",
-                            "signup",
-                            &format!("u{i}@x"),
-                            VerificationId::from_bytes([i as u8; 16]),
-                        );
-                        Ok(())
-                    })
-                    .await
-            }));
-        }
+    /// Runs `op(i)` for every `i` in `0..n` as its own `Store::write`, all at once from as many
+    /// tasks, and waits for every one to succeed.
+    async fn write_concurrently(
+        store: &Store,
+        n: u32,
+        op: fn(u32, &mut Tx<'_>) -> Result<(), TestError>,
+    ) {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.write(move |tx| op(i, tx)).await })
+            })
+            .collect();
         for t in tasks {
             t.await.expect("task").expect("write");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_and_all_land() {
+        let (_dir, store) = open();
+        write_concurrently(&store, 200, |i, tx| {
+            tx.set_current(
+                "app",
+                "signup",
+                &format!("u{i}@x"),
+                VerificationId::from_bytes([i as u8; 16]),
+            );
+            Ok(())
+        })
+        .await;
         let commits = store.stats().commits.load(Ordering::Relaxed);
         let ops = store.stats().ops.load(Ordering::Relaxed);
         assert_eq!(ops, 200);
@@ -1175,36 +1183,23 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn read_modify_writes_from_many_tasks_lose_no_update() {
         const N: u32 = 600;
-        let (_dir, store) = open();
-        let count = |tx: &Tx<'_>| -> Result<u32, TestError> {
+        fn count(tx: &Tx<'_>) -> Result<u32, TestError> {
             let id = tx.current("a", "p", "counter")?;
             Ok(id.map_or(0, |id| {
                 let b = id.as_bytes();
                 u32::from_be_bytes([b[0], b[1], b[2], b[3]])
             }))
-        };
-        let mut tasks = Vec::new();
-        for _ in 0..N {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .write(move |tx| -> Result<(), TestError> {
-                        let mut b = [0u8; 16];
-                        b[..4].copy_from_slice(&(count(tx)? + 1).to_be_bytes());
-                        tx.set_current("a", "p", "counter", VerificationId::from_bytes(b));
-                        Ok(())
-                    })
-                    .await
-            }));
         }
-        for t in tasks {
-            t.await.expect("join").expect("write");
-        }
+        let (_dir, store) = open();
+        write_concurrently(&store, N, |_, tx| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&(count(tx)? + 1).to_be_bytes());
+            tx.set_current("a", "p", "counter", VerificationId::from_bytes(b));
+            Ok(())
+        })
+        .await;
         let commits = store.stats().commits.load(Ordering::Relaxed);
-        let total = store
-            .write(move |tx| count(tx))
-            .await
-            .expect("read the counter");
+        let total = store.write(|tx| count(tx)).await.expect("read the counter");
         assert_eq!(total, N);
         assert!(
             commits > 1 && commits < u64::from(N),

@@ -47,13 +47,12 @@ impl SuperVersions {
             version,
             seqno: 0,
         };
-        let published = Arc::new(RwLock::new(first.clone()));
-        Self(vec![first].into(), published)
+        Self::from_versions(vec![first].into())
     }
 
-    #[cfg(test)]
+    /// A history and its published cell, which starts at the history's last version.
     fn from_versions(versions: VecDeque<SuperVersion>) -> Self {
-        #[expect(clippy::expect_used, reason = "tests build a non-empty history")]
+        #[expect(clippy::expect_used, reason = "a history is never empty")]
         let latest = versions.back().cloned().expect("a version");
         Self(versions, Arc::new(RwLock::new(latest)))
     }

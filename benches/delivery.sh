@@ -393,7 +393,7 @@ log "fill: $CREATED created, $(kv "$FILL_RES" created) by wrk in $FILL_SECS s ($
 # helpers of the measured runs
 declare -A R
 ceiling() { # key sessions reuse(1|0)
-    local key=$1 s=$2 reuse=$3 c0 c1 k0 k1 t0 t1 times rc=0
+    local key=$1 s=$2 reuse=$3 c0 c1 k0 k1 t0 t1 times_u times_s rc=0
     local opts=(-s "$s" -m "$N" -l "$SIZE" -M verigate.bench -f no-reply@verigate.bench -t rcpt@example.com)
     [[ "$reuse" == 1 ]] && opts=(-d "${opts[@]}")
     c0=$(sink_count "$SINK_OUT"); k0=$(proc_ticks "$SINK_PID")
@@ -481,7 +481,7 @@ drain() { # key workers max_per_second window skip [sink_out sink_pid sink_port]
     stop_verigate
     rm -rf "$TMP/data-$key"
     log "$key: ${R[$key.rate]} msgs/s (${R[$key.msgs]} in ${R[$key.secs]} s, ${R[$key.status]})"
-    [[ "${R[$key.status]}" == done || "${R[$key.status]}" == window ]] ||
+    [[ "${R[$key.status]}" == "done" || "${R[$key.status]}" == "window" ]] ||
         log "WARNING: $key ended with status ${R[$key.status]}: ${R[$key.msgs]} of $BACKLOG delivered"
 }
 

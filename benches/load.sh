@@ -446,7 +446,7 @@ with open(out, "w") as f:
 EOF
     EXTRA[link_pool]=$(wc -l <"$TMP/tokens")
     log "link pool: ${EXTRA[link_pool]} tokens (.eml files written within ${EXTRA[link_eml_secs]} s after the creates)"
-    (( ${EXTRA[link_pool]} >= THREADS * 10 )) || die "only ${EXTRA[link_pool]} link tokens found"
+    (( EXTRA[link_pool] >= THREADS * 10 )) || die "only ${EXTRA[link_pool]} link tokens found"
     tok=$(head -1 "$TMP/tokens")
     sample=$(curl -sS -o /dev/null -w 'HTTP %{http_code}' --max-time 10 "http://127.0.0.1:$PUBLIC_PORT/v/$tok")
     log "sample GET /v/{token} (the page, does not confirm): $sample"

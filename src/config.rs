@@ -462,11 +462,6 @@ pub struct StoreConfig {
     /// hands compaction requests back and forth between its workers, which kept a core busy
     /// under a create burst on two cores.
     pub worker_threads: usize,
-    /// Nice value (0–19) for those background threads, so that under CPU contention request
-    /// handling and the store writer run first: measured, it keeps the p99 of creates at half
-    /// the maximum rate down while compactions run (BENCHMARKS.md). 0 leaves them at the
-    /// daemon's own priority. Default 10. Linux only.
-    pub worker_nice: i32,
 }
 
 impl Default for StoreConfig {
@@ -477,7 +472,6 @@ impl Default for StoreConfig {
             cache_mib: 16,
             memtable_mib: 16,
             worker_threads: 1,
-            worker_nice: 10,
         }
     }
 }
@@ -729,9 +723,6 @@ impl Config {
             .map_err(|e| invalid(format!("callbacks.{}", e.field), e.problem))?;
         if self.store.max_group == 0 {
             return Err(invalid("store.max_group", "must be at least 1"));
-        }
-        if !(0..=19).contains(&self.store.worker_nice) {
-            return Err(invalid("store.worker_nice", "must be 0 to 19"));
         }
         if self.delivery.workers == 0 {
             return Err(invalid("delivery.workers", "must be at least 1"));

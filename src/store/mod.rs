@@ -183,55 +183,6 @@ struct Inner {
     due_count: Arc<DueCount>,
 }
 
-/// The name prefix of fjall's background threads (memtable flushes, compactions).
-const ENGINE_THREAD_PREFIX: &str = "fjall:";
-
-/// Sets the nice value of every thread of this process whose name starts with
-/// [`ENGINE_THREAD_PREFIX`] (fjall starts its workers when the database opens) and returns how
-/// many it changed. Flushes and compactions are background work; on a small machine a
-/// compaction that competes with the request path for a core shows up in its tail latency
-/// (`store.worker_nice` in config.example.toml has the figures). Lowering a thread's priority
-/// needs no privilege; a failure (a seccomp filter, say) is logged and the threads keep the
-/// daemon's priority.
-#[cfg(target_os = "linux")]
-fn lower_engine_threads(nice: i32) -> usize {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    let mut changed = 0;
-    for task in tasks.flatten() {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<libc::id_t>().ok())
-        else {
-            continue;
-        };
-        let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
-            continue;
-        };
-        if !name.starts_with(ENGINE_THREAD_PREFIX) {
-            continue;
-        }
-        // SAFETY: setpriority takes integers only; on Linux, PRIO_PROCESS with a thread id
-        // changes that one thread's nice value. It touches no memory of ours.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
-        if rc == 0 {
-            changed += 1;
-        } else {
-            let e = std::io::Error::last_os_error();
-            tracing::warn!(error = %e, nice, "cannot lower the storage engine threads' priority");
-            break;
-        }
-    }
-    changed
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_engine_threads(_nice: i32) -> usize {
-    0
-}
-
 /// Per lane, the earliest `due_at` committed to the due index since a worker last asked
 /// ([`Store::take_due_low`]): lets a worker resume its scan of the due index where it left
 /// off instead of walking the tombstones of everything it already claimed.
@@ -301,22 +252,6 @@ impl Store {
             outbox_due: db.keyspace("outbox_due", indexes)?,
         };
         index_old_idempotency(&db, &ks.idempotency)?;
-        if cfg.worker_nice > 0 {
-            // A new thread names itself once it runs: wait (briefly) for fjall's to have.
-            let mut n = 0;
-            for _ in 0..50 {
-                n = lower_engine_threads(cfg.worker_nice);
-                if n >= cfg.worker_threads.max(1) || !cfg!(target_os = "linux") {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            tracing::debug!(
-                threads = n,
-                nice = cfg.worker_nice,
-                "storage engine threads reniced"
-            );
-        }
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(StoreStats::default());
         let observer = Arc::new(OnceLock::new());
@@ -1213,92 +1148,6 @@ mod tests {
         for t in tasks {
             t.await.expect("task").expect("write");
         }
-    }
-
-    /// The nice value of thread `tid` of this process (field 19 of its `stat`).
-    #[cfg(target_os = "linux")]
-    fn nice_of(tid: &str) -> i64 {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
-        // The name (field 2) is in parentheses and may hold spaces; count from after it.
-        let rest = &stat[stat.rfind(')').expect("stat has a name") + 2..];
-        rest.split(' ')
-            .nth(16)
-            .expect("nice field")
-            .parse()
-            .expect("nice")
-    }
-
-    /// The ids of this process's threads named exactly `name`.
-    #[cfg(target_os = "linux")]
-    fn threads_named(name: &str) -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .expect("tasks")
-            .flatten()
-            .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
-            })
-            .map(|t| t.file_name().to_string_lossy().into_owned())
-            .collect()
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn engine_threads_get_the_configured_nice_value_and_others_keep_theirs() {
-        let (stop, wait) = std::sync::mpsc::channel::<()>();
-        let (stop2, wait2) = std::sync::mpsc::channel::<()>();
-        let engine = std::thread::Builder::new()
-            .name(format!("{ENGINE_THREAD_PREFIX}probe"))
-            .spawn(move || wait.recv().ok())
-            .expect("spawn");
-        let other = std::thread::Builder::new()
-            .name("vg-nice-probe".into())
-            .spawn(move || wait2.recv().ok())
-            .expect("spawn");
-        // A new thread names itself once it runs.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let (probe, bystander) = loop {
-            let found = (threads_named("fjall:probe"), threads_named("vg-nice-probe"));
-            if (found.0.len(), found.1.len()) == (1, 1) {
-                break found;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "probe threads not found"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        let before = nice_of(&bystander[0]);
-
-        // (Every fjall thread of the test process gets it: other tests' stores' workers too,
-        // so it is not below the default of 10 that the next test relies on.)
-        assert!(lower_engine_threads(15) >= 1);
-        assert_eq!(nice_of(&probe[0]), 15);
-        assert_eq!(nice_of(&bystander[0]), before);
-
-        stop.send(()).ok();
-        stop2.send(()).ok();
-        engine.join().expect("join");
-        other.join().expect("join");
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn opening_the_store_lowers_fjall_s_worker_threads() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = StoreConfig {
-            worker_nice: 12,
-            ..StoreConfig::default()
-        };
-        let _store = Store::open(dir.path(), &cfg).expect("open");
-        // Other tests' stores may renice every worker of the process (ours too) to 10 or 15
-        // meanwhile, and a store being opened has workers not reniced yet; ours exists and has
-        // been lowered, so at least one worker is.
-        let workers = threads_named("fjall:worker");
-        let nice: Vec<i64> = workers.iter().map(|w| nice_of(w)).collect();
-        assert!(
-            nice.iter().any(|n| *n >= 10),
-            "fjall workers' nice values: {nice:?}"
-        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,11 @@
 #   1. installs wrk with apt-get when it is missing;
 #   2. builds `target/release/verigate` and the `baseline_server` example (benches/baseline_server.rs),
 #      unless VG_BINARY / BASELINE_BINARY name binaries to use instead;
-#   3. starts both on fixed local ports with a throw-away data dir and config;
-#   4. drives both with the same wrk + Lua client (benches/load.lua), in the scenarios of SCENARIOS:
+#   3. starts both on fixed local ports with a throw-away data dir and config, and (FLOOR=1) the
+#      baseline a second time as the *durable floor* (`--durable`: every POST also writes one
+#      record to fjall and answers after its group's fdatasync, see baseline_server.rs);
+#   4. drives them with the same wrk + Lua client (benches/load.lua), in the scenarios of SCENARIOS
+#      (the floor in create, check and link):
 #        create  POST /v1/verifications, a unique address per request (default method "link");
 #        half    creates at half of create's req/s (paced connections, see README), p99 there;
 #                verigate restarted on a fresh data dir first; needs create (added when missing);
@@ -22,7 +25,8 @@
 #                with the file transport, LINK_POOL link verifications created, their links read
 #                from the .eml files, every token POSTed once (verigate's run ends when every
 #                token has been used, or after DURATION);
-#   5. prints req/s, p50, p99, p99.9 for each scenario and target, the verigate/baseline ratio,
+#   5. prints req/s, p50, p99, p99.9 for each scenario and target, the verigate/baseline ratio
+#      (and floor/baseline, verigate/floor),
 #      the HTTP status mix, how many store operations shared each fsync (from /metrics), and
 #      verigate's memory (VmRSS at idle after start, VmHWM after the create run).
 #
@@ -40,7 +44,8 @@
 #               .eml files/s on 2 cores: 100k take ~1.5 min). A fixed size: the store's size
 #               changes the cost of a confirm, so runs are only comparable at the same pool.
 #   LINK_DRAIN_TIMEOUT [600]  seconds to wait for the link pool's .eml files
-#   API_PORT [18026]  PUBLIC_PORT [18025]  BASELINE_PORT [18027]
+#   API_PORT [18026]  PUBLIC_PORT [18025]  BASELINE_PORT [18027]  FLOOR_PORT [18028]
+#   FLOOR [1]  also run the durable floor (0: baseline and verigate only)
 #   VG_BINARY []  BASELINE_BINARY []  use these executables (copied) instead of building
 #   RESULTS_FILE []  also append every figure as `http.<run>.<key>=<value>` lines to this file
 #   KEEP_TMP [0]  keep the temp dir (config, daemon log, raw wrk output, data dir)
@@ -60,6 +65,8 @@ LINK_DRAIN_TIMEOUT=${LINK_DRAIN_TIMEOUT:-600}
 API_PORT=${API_PORT:-18026}
 PUBLIC_PORT=${PUBLIC_PORT:-18025}
 BASELINE_PORT=${BASELINE_PORT:-18027}
+FLOOR_PORT=${FLOOR_PORT:-18028}
+FLOOR=${FLOOR:-1}
 VG_BINARY=${VG_BINARY:-}
 BASELINE_BINARY=${BASELINE_BINARY:-}
 RESULTS_FILE=${RESULTS_FILE:-}
@@ -112,16 +119,17 @@ BASELINE=${BASELINE_BINARY:-"$ROOT/target/release/examples/baseline_server"}
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/verigate-load.XXXXXX")
 VG_PID=""
 BL_PID=""
+FL_PID=""
 WRK_PID=""
 cleanup() {
     local rc=$?
     [[ -n "$WRK_PID" ]] && kill "$WRK_PID" 2>/dev/null || true
-    for pid in $VG_PID $BL_PID; do
+    for pid in $VG_PID $BL_PID $FL_PID; do
         if kill -0 "$pid" 2>/dev/null; then
             kill "$pid" 2>/dev/null || true
         fi
     done
-    for pid in $VG_PID $BL_PID; do
+    for pid in $VG_PID $BL_PID $FL_PID; do
         # verigate drains gracefully on SIGTERM; give it a few seconds, then insist.
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
@@ -148,8 +156,10 @@ cp "$BASELINE" "$TMP/baseline_server"
 VERIGATE="$TMP/verigate"
 BASELINE="$TMP/baseline_server"
 
-for p in "$API_PORT" "$PUBLIC_PORT" "$BASELINE_PORT"; do
-    port_busy "$p" && die "port $p is already in use (set API_PORT / PUBLIC_PORT / BASELINE_PORT)"
+ports=("$API_PORT" "$PUBLIC_PORT" "$BASELINE_PORT")
+[[ "$FLOOR" == 1 ]] && ports+=("$FLOOR_PORT")
+for p in "${ports[@]}"; do
+    port_busy "$p" && die "port $p is already in use (set API_PORT / PUBLIC_PORT / BASELINE_PORT / FLOOR_PORT)"
 done
 
 SIGNING_SECRET=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
@@ -228,6 +238,12 @@ log "starting baseline on 127.0.0.1:$BASELINE_PORT"
 "$BASELINE" "$BASELINE_PORT" >"$TMP/baseline.log" 2>&1 &
 BL_PID=$!
 wait_up baseline "$BL_PID" "http://127.0.0.1:$BASELINE_PORT/healthz"
+if [[ "$FLOOR" == 1 ]]; then
+    log "starting the durable floor on 127.0.0.1:$FLOOR_PORT (data dir $TMP/data-floor)"
+    "$BASELINE" "$FLOOR_PORT" --durable "$TMP/data-floor" >"$TMP/floor.log" 2>&1 &
+    FL_PID=$!
+    wait_up floor "$FL_PID" "http://127.0.0.1:$FLOOR_PORT/healthz"
+fi
 
 # A smoke request each, so a wrong key or shape fails here and not as 100% errors under load.
 smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H "Authorization: Bearer $KEY" \
@@ -237,6 +253,11 @@ smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H "Authorization: Bearer
 smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H 'Content-Type: application/json' \
     -d '{"email":"smoke@example.com"}' "http://127.0.0.1:$BASELINE_PORT/v1/verifications")
 [[ "$smoke" == *"HTTP 202" ]] || die "baseline smoke create failed: $smoke"
+if [[ "$FLOOR" == 1 ]]; then
+    smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H 'Content-Type: application/json' \
+        -d '{"email":"smoke@example.com"}' "http://127.0.0.1:$FLOOR_PORT/v1/verifications")
+    [[ "$smoke" == *"HTTP 202" ]] || die "floor smoke create failed: $smoke"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 5. runs
@@ -302,6 +323,11 @@ run_wrk() {
     RES[$label]=${line#RESULT }
     kill -0 "$VG_PID" 2>/dev/null || { tail -50 "$TMP/verigate.log" >&2; die "verigate died during $label"; }
     kill -0 "$BL_PID" 2>/dev/null || { tail -50 "$TMP/baseline.log" >&2; die "baseline died during $label"; }
+    [[ -z "$FL_PID" ]] || kill -0 "$FL_PID" 2>/dev/null || { tail -50 "$TMP/floor.log" >&2; die "the floor died during $label"; }
+}
+run_floor() { # scenario mode ids_in [method]: the durable floor's run, right after the baseline's
+    [[ -n "$FL_PID" ]] || return 0
+    run_wrk "$1-floor" "$FLOOR_PORT" "$2" "${4:--}" - "$3" "$DURATION" "$FL_PID"
 }
 field() { # label key → value from that run's RESULT line
     local kv
@@ -343,6 +369,7 @@ declare -A EXTRA   # other figures for the report and RESULTS_FILE
 # create: same Lua, same request shape, baseline first, then verigate.
 if has create; then
     run_wrk create-baseline "$BASELINE_PORT" create "$CREATE_METHOD" - - "$DURATION" "$BL_PID"
+    run_floor create create - "$CREATE_METHOD"
     store_snapshot before-create
     run_wrk create-verigate "$API_PORT" create "$CREATE_METHOD" - - "$DURATION" "$VG_PID"
     store_snapshot after-create
@@ -402,6 +429,7 @@ if has check || has get; then
 
     if has check; then
         run_wrk check-baseline "$BASELINE_PORT" check - - "$TMP/ids" "$DURATION" "$BL_PID"
+        run_floor check check "$TMP/ids"
         store_snapshot before-check
         run_wrk check-verigate "$API_PORT" check - - "$TMP/ids" "$DURATION" "$VG_PID"
         store_snapshot after-check
@@ -451,6 +479,7 @@ EOF
     sample=$(curl -sS -o /dev/null -w 'HTTP %{http_code}' --max-time 10 "http://127.0.0.1:$PUBLIC_PORT/v/$tok")
     log "sample GET /v/{token} (the page, does not confirm): $sample"
     run_wrk link-baseline "$BASELINE_PORT" link - - "$TMP/tokens" "$DURATION" "$BL_PID"
+    run_floor link link "$TMP/tokens"
     store_snapshot before-link
     run_wrk link-verigate "$PUBLIC_PORT" link - - "$TMP/tokens" "$DURATION" "$VG_PID" 0 0 "$TMP/link-done"
     store_snapshot after-link
@@ -482,7 +511,7 @@ cpu() { # label → "server CPU % of one core", "server CPU µs per request", "m
 printf '%-8s %-9s %10s %9s %9s %9s %9s %11s %8s %8s %8s  %-22s %s\n' \
     scenario target req/s p50 p99 p99.9 max non-2xx/3xx srv-cpu "us/req" machine statuses "socket errors"
 for scen in "${SCEN_ORDER[@]}"; do
-    for tgt in baseline verigate; do
+    for tgt in baseline floor verigate; do
         l="$scen-$tgt"
         [[ -n "${RES[$l]:-}" ]] || continue
         read -r c_srv c_req c_mach <<<"$(cpu "$l")"
@@ -499,6 +528,12 @@ for scen in create check get link; do
         line = sprintf("ratio %-6s verigate/baseline = %.3f (%.1f%%)", s, r, 100 * r)
         if (s != "get") line = line sprintf("   target >= 40%%: %s", (r >= 0.40) ? "MET" : "NOT MET")
         print line
+    }'
+    [[ -n "${RES[$scen-floor]:-}" ]] || continue
+    awk -v s="$scen" -v v="$(field "$scen-verigate" rps)" -v b="$(field "$scen-baseline" rps)" \
+        -v f="$(field "$scen-floor" rps)" 'BEGIN {
+        printf "      %-6s floor/baseline = %.3f (%.1f%%), verigate/floor = %.3f (%.1f%%)\n", s,
+            (b > 0) ? f / b : 0, (b > 0) ? 100 * f / b : 0, (f > 0) ? v / f : 0, (f > 0) ? 100 * v / f : 0
     }'
 done
 if has half; then
@@ -535,6 +570,9 @@ echo "    non-2xx/3xx count equals its request count; any status other than 400 
 echo "    The baseline answers 200. A rare 200 from verigate means '000000' was the real code."
 echo "  - get: 200 from both. link: verigate answers 200 with the 'verified' page; the baseline 200"
 echo "    with a static page."
+echo "  - floor: the baseline with --durable: each POST also writes one record (the body, or the"
+echo "    token) and answers after its group's fdatasync, one writer thread, fjall as verigate"
+echo "    configures it. What the storage contract alone costs; verigate's other work is on top."
 if [[ "$KEEP_TMP" == 1 ]]; then
     echo "  - raw wrk output, configs, daemon log and data dirs: $TMP"
 else

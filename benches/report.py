@@ -311,7 +311,7 @@ if any(k.startswith("http.") for k in R):
     w("| run | target | req/s | p50 | p75 | p90 | p99 | p99.9 | max | srv CPU | µs/req | machine | statuses | socket errors |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scen in ("create", "half", "check", "get", "link"):
-        for tgt in ("baseline", "verigate"):
+        for tgt in ("baseline", "floor", "verigate"):
             l = f"{scen}-{tgt}"
             if http(l, "rps") is None:
                 continue
@@ -321,6 +321,18 @@ if any(k.startswith("http.") for k in R):
               f"{ms_us(http(l, 'max_us'))} | {fmt(http(l, 'srv_cpu'))}% | {fmt(http(l, 'us_req'))} | "
               f"{fmt(http(l, 'machine'))}% | {R.get(f'http.{l}.statuses', '')} | {errs:.0f} |")
     w("")
+    floors = [(scen, http(f"{scen}-floor", "rps"), http(f"{scen}-baseline", "rps"), http(f"{scen}-verigate", "rps"))
+              for scen in ("create", "check", "link")]
+    floors = [f for f in floors if None not in f and f[1] and f[2]]
+    if floors:
+        w("**The durable floor** (`floor` rows: `baseline_server --durable`). The same minimal server, except that each "
+          "POST also writes one record (the request body, or the token) to fjall and answers only after its group's "
+          "`fdatasync`, through one writer thread, with verigate's engine settings (one worker, 16 MiB memtable). It is "
+          "what the storage contract alone costs on this stack; verigate's reads, its four more keys per create, "
+          "validation, crypto and outbox come on top. "
+          + "; ".join(f"{scen}: floor {f / b * 100:.1f}% of the baseline, verigate {v / f * 100:.1f}% of the floor"
+                      for scen, f, b, v in floors) + ".")
+        w("")
     if half_p99 is not None:
         w(f"**p99 at half the maximum rate.** wrk is closed-loop. Half rate: the create run's {fmt(http('create-verigate', 'rps'))} "
           f"req/s / 2 = {fmt(half_target)} req/s. Every connection waits a random 0.5–1.5 × *pace* ms (Lua `delay()`) "

@@ -34,7 +34,7 @@
 #                     quiet (all cores less than QUIET_BUSY % busy over 2 s); then run anyway.
 #                     The busy % at each section's start goes into the report.
 #   QUIET_BUSY [25]
-#   PORT_BASE [28000]  ports used: +25..+27 (http), +125, +126, +525..+527 (delivery),
+#   PORT_BASE [28000]  ports used: +25..+28 (http), +125, +126, +525..+527 (delivery),
 #                      +325..+327, +399 (backlog; +399 must stay closed)
 # Every section's exact command line, its log and its exit status go into BENCHMARKS.md; a
 # section that fails is reported as such and the others still run.
@@ -136,7 +136,7 @@ meta load.start "$(cut -d' ' -f1-3 /proc/loadavg)"
 # Other work on the machine (it is shared): the busiest processes at the start.
 meta load.top_start "$(ps -eo pcpu=,comm= --sort=-pcpu | head -5 | awk '{ printf "%s%s %s%%", sep, $2, $1; sep = ", " }')"
 # Ports: refuse to start when one is taken (another benchmark on the machine would get our load).
-for port in 25 26 27 125 126 325 326 327 399 525 526 527; do
+for port in 25 26 27 28 125 126 325 326 327 399 525 526 527; do
     (exec 3<>"/dev/tcp/127.0.0.1/$((PORT_BASE + port))") 2>/dev/null &&
         die "port $((PORT_BASE + port)) is in use: set PORT_BASE to a free range"
 done
@@ -194,7 +194,7 @@ if has http; then
     if [[ "$QUICK" == 1 ]]; then http_env=(DURATION="$DURATION" HALF_CALIBRATE=3s LINK_POOL=30000)
     else http_env=(DURATION="$DURATION" HALF_CALIBRATE=5s LINK_POOL=100000); fi
     http_env+=(SCENARIOS="create half check get link" SKIP_BUILD=1 VG_BINARY="$VG" BASELINE_BINARY="$BL"
-        API_PORT=$((P + 26)) PUBLIC_PORT=$((P + 25)) BASELINE_PORT=$((P + 27)) RESULTS_FILE="$RESULTS")
+        API_PORT=$((P + 26)) PUBLIC_PORT=$((P + 25)) BASELINE_PORT=$((P + 27)) FLOOR_PORT=$((P + 28)) RESULTS_FILE="$RESULTS")
     cmdline http "$(printf '%q ' "${http_env[@]}")" "benches/load.sh"
     section http env "${http_env[@]}" "$HERE/load.sh"
 fi

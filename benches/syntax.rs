@@ -7,6 +7,10 @@
 
 use std::hint::black_box;
 
+/// The daemon's allocator (src/main.rs), so `parse` is timed as it runs in the daemon.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use verigate::address::syntax::{Options, parse};
 

@@ -722,7 +722,8 @@ impl Tx<'_> {
     }
 
     /// Writes a verification and keeps its expiry index in step: the index holds
-    /// `expires_at` exactly while the verification is pending.
+    /// `expires_at` exactly while the verification is pending. An update that leaves that
+    /// unchanged (a wrong code, a delivery status) does not touch the index.
     ///
     /// # Errors
     /// Engine, decode or encode failure.
@@ -731,10 +732,13 @@ impl Tx<'_> {
             Some(at) => at,
             None => self.verification(v.id)?.as_ref().and_then(expiry_key),
         };
-        if let Some(at) = prev {
-            self.del_raw(Ks::Expiry, keys::expiry(at, v.id));
+        let next = expiry_key(v);
+        if prev != next {
+            if let Some(at) = prev {
+                self.del_raw(Ks::Expiry, keys::expiry(at, v.id));
+            }
+            self.index_expiry(v);
         }
-        self.index_expiry(v);
         self.put_raw(
             Ks::Verifications,
             keys::verification(v.id),
@@ -1446,6 +1450,23 @@ mod tests {
                 .expect("put");
             assert_eq!(indexed(&store), vec![(at, id)]);
         }
+        // A write that leaves the index as it is (a wrong code, a delivery status: still
+        // pending, same expiry) stages no index key at all, and the index keeps its key.
+        let mut w = v.clone();
+        w.expires_at = t1;
+        let index_writes = store
+            .write(move |tx| -> Result<usize, TestError> {
+                tx.put_verification(&w)?;
+                Ok(tx
+                    .staged
+                    .iter()
+                    .filter(|(ks, _, _)| *ks == Ks::Expiry)
+                    .count())
+            })
+            .await
+            .expect("put");
+        assert_eq!(index_writes, 0);
+        assert_eq!(indexed(&store), vec![(t1, id)]);
     }
 
     /// The database in `dir` opened with fjall directly, and its keyspace `name`: for writing

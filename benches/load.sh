@@ -250,14 +250,13 @@ smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H "Authorization: Bearer
     -H 'Content-Type: application/json' -d "{\"email\":\"smoke-$NONCE@example.com\"}" \
     "http://127.0.0.1:$API_PORT/v1/verifications")
 [[ "$smoke" == *"HTTP 202" ]] || die "verigate smoke create failed: $smoke"
-smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H 'Content-Type: application/json' \
-    -d '{"email":"smoke@example.com"}' "http://127.0.0.1:$BASELINE_PORT/v1/verifications")
-[[ "$smoke" == *"HTTP 202" ]] || die "baseline smoke create failed: $smoke"
-if [[ "$FLOOR" == 1 ]]; then
+others=("baseline $BASELINE_PORT")
+[[ -n "$FL_PID" ]] && others+=("floor $FLOOR_PORT")
+for np in "${others[@]}"; do
     smoke=$(curl -sS -w ' HTTP %{http_code}' --max-time 10 -H 'Content-Type: application/json' \
-        -d '{"email":"smoke@example.com"}' "http://127.0.0.1:$FLOOR_PORT/v1/verifications")
-    [[ "$smoke" == *"HTTP 202" ]] || die "floor smoke create failed: $smoke"
-fi
+        -d '{"email":"smoke@example.com"}' "http://127.0.0.1:${np#* }/v1/verifications")
+    [[ "$smoke" == *"HTTP 202" ]] || die "${np% *} smoke create failed: $smoke"
+done
 
 # ---------------------------------------------------------------------------------------------
 # 5. runs

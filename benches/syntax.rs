@@ -7,12 +7,12 @@
 
 use std::hint::black_box;
 
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use verigate::address::syntax::{Options, parse};
+
 /// The daemon's allocator (src/main.rs), so `parse` is timed as it runs in the daemon.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use verigate::address::syntax::{Options, parse};
 
 /// The corpus shared with the daemon, relative to this crate.
 const CORPUS: &str = concat!(

@@ -176,13 +176,14 @@ pub struct EmailAddress {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct SyntaxError {
-    /// The explanation, a complete sentence.
-    pub message: String,
+    /// The explanation, a complete sentence. Most messages are fixed text and are not
+    /// allocated.
+    pub message: Cow<'static, str>,
 }
 
 type Result<T, E = SyntaxError> = std::result::Result<T, E>;
 
-fn err(message: impl Into<String>) -> SyntaxError {
+fn err(message: impl Into<Cow<'static, str>>) -> SyntaxError {
     SyntaxError {
         message: message.into(),
     }
@@ -443,6 +444,10 @@ fn split_at_unquoted_special<'a>(text: &'a str, state: &[bool; 256]) -> Result<(
 /// (and, for a non-ASCII `c`, one starter right after it) can change its first character, so
 /// only they are normalized here, with the same cap.
 fn combines_with_following(rest: &str, c: char) -> bool {
+    // No ASCII character combines with an ASCII character after it (or with nothing).
+    if c.is_ascii() && rest.as_bytes().get(1).is_none_or(u8::is_ascii) {
+        return false;
+    }
     let ccc = CodePointMapData::<CanonicalCombiningClass>::new();
     let mut end = c.len_utf8();
     for (count, (i, n)) in (1..).zip(rest.char_indices().skip(1)) {
@@ -820,7 +825,9 @@ fn py_repr(s: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            c if is_printable(c) => out.push(c),
+            // Printable ASCII needs no Unicode lookup.
+            ' '..='~' => out.push(c),
+            c if !c.is_ascii() && is_printable(c) => out.push(c),
             c if u32::from(c) <= 0xFF => out.push_str(&format!("\\x{:02x}", u32::from(c))),
             c if u32::from(c) <= 0xFFFF => out.push_str(&format!("\\u{:04x}", u32::from(c))),
             c => out.push_str(&format!("\\U{:08x}", u32::from(c))),
@@ -1013,12 +1020,22 @@ fn is_ascii_hostname(domain: &str) -> bool {
 /// RFC 5890 reserves labels with `--` in the third and fourth positions (R-LDH) for encodings;
 /// only Punycode's `xn--` is in use.
 fn has_reserved_ldh_label(domain: &str) -> bool {
-    domain.split('.').any(|label| {
+    labels(domain).any(|label| {
         let mut chars = label.chars();
         let (a, b, c, d) = (chars.next(), chars.next(), chars.next(), chars.next());
         matches!((a, b, c, d), (Some(a), Some(b), Some('-'), Some('-'))
             if !(a.eq_ignore_ascii_case(&'x') && b.eq_ignore_ascii_case(&'n')))
     })
+}
+
+/// The labels of a domain. A plain loop: labels are short, and splitting at a `char` pattern
+/// sets up a `memchr` search for each one.
+#[expect(
+    clippy::manual_pattern_char_comparison,
+    reason = "a closure pattern is the plain loop"
+)]
+fn labels(domain: &str) -> impl Iterator<Item = &str> {
+    domain.split(|c: char| c == '.')
 }
 
 /// UTS #46 mapping without validation, like `idna.uts46_remap(d, std3_rules=False,
@@ -1055,17 +1072,8 @@ fn uts46_remap(domain: &str) -> Result<Cow<'_, str>> {
     Ok(Cow::Owned(mapped))
 }
 
-/// Validates the part after the @-sign (email-validator's `validate_email_domain_name`).
-fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
-    // Checked up front because the input may be used as is, and to bound the IDNA work.
-    let len = domain.chars().count();
-    if len > DOMAIN_MAX_LENGTH {
-        return Err(err(format!(
-            "The email address is too long after the @-sign {}.",
-            length_reason(len, DOMAIN_MAX_LENGTH)
-        )));
-    }
-
+/// The character checks on a domain that is not all LDH labels, and its UTS #46 mapping.
+fn check_domain_chars(domain: &str) -> Result<Cow<'_, str>> {
     if let Some(bad) = bad_chars(domain, |c| !is_hostname_char_intl(c)) {
         return Err(err(format!(
             "The part after the @-sign contains invalid characters: {bad}."
@@ -1091,9 +1099,31 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
              normalization: {bad}."
         )));
     }
+    Ok(mapped)
+}
+
+/// Validates the part after the @-sign (email-validator's `validate_email_domain_name`).
+fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
+    // Checked up front because the input may be used as is, and to bound the IDNA work.
+    let len = domain.chars().count();
+    if len > DOMAIN_MAX_LENGTH {
+        return Err(err(format!(
+            "The email address is too long after the @-sign {}.",
+            length_reason(len, DOMAIN_MAX_LENGTH)
+        )));
+    }
+
+    // Most domains are ASCII LDH labels: they pass every character check below, and UTS #46
+    // only lowercases them, so the checks up to the dot-atom rules are skipped for them.
+    let is_hostname = is_ascii_hostname(domain);
+    let mapped = if is_hostname {
+        uts46_remap(domain)?
+    } else {
+        check_domain_chars(domain)?
+    };
 
     // RFC 952, RFC 1123 2.1, RFC 5322 3.2.3. A domain of LDH labels passes these rules.
-    let is_hostname = is_ascii_hostname(&mapped);
+    let is_hostname = is_hostname || is_ascii_hostname(&mapped);
     if !is_hostname {
         check_dot_atom(
             &mapped,
@@ -1109,16 +1139,20 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
         ));
     }
 
-    let ascii_domain = if is_hostname {
-        mapped.into_owned()
+    // The Unicode form is known once the labels are converted; for an ASCII host name it is
+    // decoded from the A-labels further on, if there are any.
+    let (ascii_domain, unicode_domain) = if is_hostname {
+        (mapped.into_owned(), None)
     } else {
         // Internationalized: convert each label to an A-label (IDNA 2008 validation included).
         let mut ascii = String::with_capacity(mapped.len() * 2);
+        let mut unicode = String::with_capacity(mapped.len());
         for (i, label) in mapped.split('.').enumerate() {
             if i > 0 {
                 ascii.push('.');
+                unicode.push('.');
             }
-            idna2008::alabel(label, &mut ascii)
+            idna2008::alabel(label, &mut ascii, &mut unicode)
                 .map_err(|e| err(format!("The part after the @-sign is invalid ({e}).")))?;
         }
         if !is_ascii_hostname(&ascii) {
@@ -1127,7 +1161,7 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
                  encoding.",
             ));
         }
-        ascii
+        (ascii, Some(unicode))
     };
 
     // RFC 1035 2.3.4 and RFC 5321 4.5.3.1.2, in octets of the ASCII form.
@@ -1147,10 +1181,7 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
     }
 
     // RFC 1035 2.3.1.
-    if let Some(label) = ascii_domain
-        .split('.')
-        .find(|l| l.len() > DNS_LABEL_LENGTH_LIMIT)
-    {
+    if let Some(label) = labels(&ascii_domain).find(|l| l.len() > DNS_LABEL_LENGTH_LIMIT) {
         return Err(err(format!(
             "After the @-sign, periods cannot be separated by so many characters {}.",
             length_reason(label.len(), DNS_LABEL_LENGTH_LIMIT)
@@ -1188,7 +1219,11 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
     }
 
     // Without A-labels the Unicode form is the ASCII form.
-    if !ascii_domain.contains(ACE_PREFIX) {
+    if !ascii_domain
+        .as_bytes()
+        .windows(ACE_PREFIX.len())
+        .any(|w| w == ACE_PREFIX.as_bytes())
+    {
         return Ok(DomainInfo {
             domain: ascii_domain.clone(),
             ascii_domain,
@@ -1196,12 +1231,16 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
     }
 
     // The domain may have been given as A-labels: check that they are real IDNA, and get the
-    // canonical Unicode form for the normalized address.
-    let domain_i18n = idna2008::decode(&ascii_domain).map_err(|e| {
-        err(format!(
-            "The part after the @-sign is not valid IDNA ({e})."
-        ))
-    })?;
+    // canonical Unicode form for the normalized address. (`alabel` has already checked and
+    // decoded every label it converted.)
+    let domain_i18n = match unicode_domain {
+        Some(unicode) => unicode,
+        None => idna2008::decode(&ascii_domain).map_err(|e| {
+            err(format!(
+                "The part after the @-sign is not valid IDNA ({e})."
+            ))
+        })?,
+    };
 
     if let Some(bad) = bad_chars(&domain_i18n, |c| !is_hostname_char_intl(c)) {
         return Err(err(format!(
@@ -1222,12 +1261,10 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
         }
     }
 
-    idna2008::encode(&domain_i18n).map_err(|e| {
-        err(format!(
-            "The part after the @-sign became invalid after normalizing to international \
-             characters ({e})."
-        ))
-    })?;
+    // email-validator encodes the Unicode form once more here ("became invalid after
+    // normalizing to international characters"). That cannot fail: every label of it was
+    // checked by `check_label`, and its A-label is the one already in `ascii_domain`, which
+    // fits the length limits (Punycode never has fewer characters than its U-label).
 
     Ok(DomainInfo {
         domain: domain_i18n,

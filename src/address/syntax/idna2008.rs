@@ -378,17 +378,19 @@ fn ulabel_ascii(label: &str) -> Result<String> {
     Ok(decoded)
 }
 
-/// Converts one label to its A-label (`idna.alabel`), appending it to `out`.
-pub(super) fn alabel(label: &str, out: &mut String) -> Result<()> {
+/// Converts one label to its A-label (`idna.alabel`), appending it to `ascii`, and appends
+/// its U-label to `unicode`: what [`decode`] gives back for that A-label, without decoding it.
+pub(super) fn alabel(label: &str, ascii: &mut String, unicode: &mut String) -> Result<()> {
     if label.chars().count() > MAX_INPUT_CHARS {
         return Err(IdnaError::new("Label too long"));
     }
     if label.is_ascii() {
-        ulabel_ascii(label)?;
+        let ulabel = ulabel_ascii(label)?;
         if label.len() > MAX_LABEL_OCTETS {
             return Err(IdnaError::new("Label too long"));
         }
-        out.push_str(label);
+        ascii.push_str(label);
+        unicode.push_str(&ulabel);
         return Ok(());
     }
     check_label(label)?;
@@ -402,8 +404,9 @@ pub(super) fn alabel(label: &str, out: &mut String) -> Result<()> {
     if ACE_PREFIX.len() + encoded.len() > MAX_LABEL_OCTETS {
         return Err(IdnaError::new("Label too long"));
     }
-    out.push_str(ACE_PREFIX);
-    out.push_str(&encoded);
+    ascii.push_str(ACE_PREFIX);
+    ascii.push_str(&encoded);
+    unicode.push_str(label);
     Ok(())
 }
 
@@ -451,44 +454,26 @@ pub(super) fn decode(domain: &str) -> Result<String> {
     Ok(out)
 }
 
-/// Converts a Unicode domain to ASCII (`idna.encode` without UTS #46), validating every label.
-pub(super) fn encode(domain: &str) -> Result<String> {
-    let chars = domain.chars().count();
-    if chars > MAX_INPUT_CHARS || chars > MAX_DOMAIN_OCTETS + 1 {
-        return Err(IdnaError::new("Domain too long"));
-    }
-    let (labels, trailing_dot) = split_labels(domain)?;
-    let mut out = String::with_capacity(domain.len() * 2);
-    for (i, label) in labels.iter().enumerate() {
-        if label.is_empty() {
-            return Err(IdnaError::new("Empty label"));
-        }
-        if i > 0 {
-            out.push('.');
-        }
-        alabel(label, &mut out)?;
-    }
-    if trailing_dot {
-        out.push('.');
-    }
-    let limit = MAX_DOMAIN_OCTETS + usize::from(trailing_dot);
-    if out.len() > limit {
-        return Err(IdnaError::new("Domain too long"));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ascii_and_unicode_labels_convert_like_the_python_package() {
-        let mut out = String::new();
-        alabel("bücher", &mut out).unwrap();
-        assert_eq!(out, "xn--bcher-kva");
+        let (mut ascii, mut unicode) = (String::new(), String::new());
+        alabel("bücher", &mut ascii, &mut unicode).unwrap();
+        assert_eq!(
+            (ascii.as_str(), unicode.as_str()),
+            ("xn--bcher-kva", "bücher")
+        );
         assert_eq!(decode("xn--bcher-kva.com").unwrap(), "bücher.com");
-        assert_eq!(encode("bücher.com").unwrap(), "xn--bcher-kva.com");
+        // An A-label given as ASCII comes back decoded, as `decode` gives it.
+        let (mut ascii, mut unicode) = (String::new(), String::new());
+        alabel("xn--bcher-kva", &mut ascii, &mut unicode).unwrap();
+        assert_eq!(
+            (ascii.as_str(), unicode.as_str()),
+            ("xn--bcher-kva", "bücher")
+        );
     }
 
     #[test]
@@ -502,19 +487,19 @@ mod tests {
     #[test]
     fn disallowed_code_points_are_rejected() {
         // U+2603 SNOWMAN is UTS #46 valid but IDNA 2008 DISALLOWED.
-        let mut out = String::new();
-        assert!(alabel("\u{2603}", &mut out).is_err());
+        let (mut ascii, mut unicode) = (String::new(), String::new());
+        assert!(alabel("\u{2603}", &mut ascii, &mut unicode).is_err());
     }
 
     #[test]
     fn contexto_rules_follow_rfc_5892() {
-        let mut out = String::new();
-        assert!(alabel("l\u{00B7}l", &mut out).is_ok());
-        assert!(alabel("a\u{00B7}b", &mut out).is_err());
-        assert!(alabel("\u{0628}\u{0660}", &mut out).is_ok());
-        assert!(alabel("\u{0628}\u{0660}\u{06F1}", &mut out).is_err());
-        assert!(alabel("\u{30FB}\u{30A2}", &mut out).is_ok());
-        assert!(alabel("\u{30FB}a", &mut out).is_err());
+        let (mut out, mut unicode) = (String::new(), String::new());
+        assert!(alabel("l\u{00B7}l", &mut out, &mut unicode).is_ok());
+        assert!(alabel("a\u{00B7}b", &mut out, &mut unicode).is_err());
+        assert!(alabel("\u{0628}\u{0660}", &mut out, &mut unicode).is_ok());
+        assert!(alabel("\u{0628}\u{0660}\u{06F1}", &mut out, &mut unicode).is_err());
+        assert!(alabel("\u{30FB}\u{30A2}", &mut out, &mut unicode).is_ok());
+        assert!(alabel("\u{30FB}a", &mut out, &mut unicode).is_err());
     }
 
     #[test]

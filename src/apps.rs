@@ -137,6 +137,8 @@ pub struct App {
     redirect_prefixes: Vec<RedirectPrefix>,
     /// Sender of this app's mail.
     pub from: String,
+    /// The domain of `from`, for Message-IDs (see [`crate::mail::message_id_domain`]).
+    pub message_id_domain: String,
     /// The app's configuration as loaded.
     pub config: AppConfig,
 }
@@ -185,11 +187,13 @@ impl Apps {
                 .iter()
                 .map(|p| RedirectPrefix::parse(p))
                 .collect::<Result<Vec<_>, _>>()?;
+            let from = a.from.clone().unwrap_or_else(|| cfg.delivery.from.clone());
             apps.push(Arc::new(App {
                 id: a.id.clone(),
                 keys,
                 redirect_prefixes,
-                from: a.from.clone().unwrap_or_else(|| cfg.delivery.from.clone()),
+                message_id_domain: crate::mail::message_id_domain(&from),
+                from,
                 config: a.clone(),
             }));
         }
@@ -230,6 +234,7 @@ mod tests {
                 .map(|p| RedirectPrefix::parse(p).expect("prefix"))
                 .collect(),
             from: "x@example.com".into(),
+            message_id_domain: "example.com".into(),
             config: AppConfig::default(),
         }
     }

@@ -5,8 +5,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ring::rand::{SecureRandom, SystemRandom};
-
 use crate::clock::UnixTime;
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -22,10 +20,10 @@ impl RawId {
     pub fn generate(now: UnixTime) -> Self {
         let mut b = [0u8; 16];
         b[..6].copy_from_slice(&now.0.to_be_bytes()[2..]);
-        // SystemRandom only fails when the OS has no entropy source; a zero tail would still be
+        // The random source only fails when the OS has no entropy source; a zero tail would still be
         // unique enough within one millisecond for one process only by chance, so fall back to a
         // process counter mixed with the clock rather than panic.
-        if SystemRandom::new().fill(&mut b[6..]).is_err() {
+        if crate::random::fill(&mut b[6..]).is_err() {
             use std::sync::atomic::{AtomicU64, Ordering};
             static COUNTER: AtomicU64 = AtomicU64::new(1);
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -20,6 +20,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`clock`]: wall time for persisted instants; a manual clock for tests.
 //! - [`id`]: time-ordered, prefixed identifiers.
+//! - [`random`]: random bytes for ids, codes and nonces, a block per system call.
 
 pub mod address;
 pub mod app;
@@ -34,6 +35,7 @@ pub mod id;
 pub mod mail;
 pub mod metrics;
 pub mod outbox;
+pub mod random;
 pub mod ratelimit;
 pub mod store;
 pub mod templates;

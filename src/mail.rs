@@ -52,6 +52,20 @@ pub struct Mailbox {
 #[error("{0}")]
 pub struct InvalidMailbox(&'static str);
 
+/// The domain for Message-IDs of mail sent from `from`: its address's domain, or
+/// `verigate.invalid` when it has none.
+pub fn message_id_domain(from: &str) -> String {
+    parse_mailbox(from)
+        .ok()
+        .and_then(|m| {
+            m.address
+                .as_str()
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_string())
+        })
+        .unwrap_or_else(|| "verigate.invalid".into())
+}
+
 /// Parses `"Name <addr@host>"` or `"addr@host"` (configuration input).
 ///
 /// # Errors

@@ -5,7 +5,7 @@
 
 use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::verification::service::Error as ServiceError;
 
@@ -24,6 +24,22 @@ pub struct ApiError {
     pub extra: Map<String, Value>,
     /// `Retry-After`, seconds.
     pub retry_after: Option<u64>,
+}
+
+/// The body of an error answer: `{"error": {...}}`.
+#[derive(serde::Serialize)]
+struct Shape<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Inner<'a> {
+    code: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
 }
 
 impl ApiError {
@@ -68,14 +84,7 @@ impl ApiError {
 
     /// The JSON response.
     pub fn into_response(self) -> super::Resp {
-        let mut obj = Map::new();
-        obj.insert("code".into(), Value::from(self.code));
-        obj.insert("message".into(), Value::from(self.message));
-        if let Some(f) = self.field {
-            obj.insert("field".into(), Value::from(f));
-        }
-        obj.extend(self.extra);
-        let body = json!({ "error": obj }).to_string();
+        let body = self.body();
         let mut r = Response::new(super::Body::from(body));
         *r.status_mut() = self.status;
         r.headers_mut().insert(
@@ -86,6 +95,24 @@ impl ApiError {
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
         }
         r
+    }
+
+    /// The JSON text of the answer.
+    fn body(&self) -> String {
+        let shape = Shape {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+                extra: &self.extra,
+            },
+        };
+        // Strings and JSON values only: serializing cannot fail, but a failure still answers
+        // in the same shape.
+        serde_json::to_string(&shape).unwrap_or_else(|_| {
+            r#"{"error":{"code":"internal","message":"Something went wrong on our side."}}"#
+                .to_owned()
+        })
     }
 }
 
@@ -196,5 +223,35 @@ impl From<ServiceError> for ApiError {
                 ApiError::internal()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_has_code_message_field_and_extras_in_one_error_object() {
+        let e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_code", "Wrong code.")
+            .with_field("code")
+            .with("attempts_remaining", Value::from(4));
+        let v: Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {
+                "code": "invalid_code",
+                "message": "Wrong code.",
+                "field": "code",
+                "attempts_remaining": 4,
+            }})
+        );
+    }
+
+    #[test]
+    fn the_body_has_no_field_member_when_no_field_is_at_fault() {
+        let v: Value = serde_json::from_str(&ApiError::internal().body()).unwrap();
+        let error = v["error"].as_object().unwrap();
+        assert_eq!(error.len(), 2, "{error:?}");
+        assert_eq!(error["code"], "internal");
     }
 }

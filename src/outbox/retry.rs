@@ -58,9 +58,8 @@ impl RetryPolicy {
 /// A uniform random number in `[0, 1)` from the system CSPRNG (0.5 if it fails: jitter is a
 /// courtesy, not a security property).
 pub fn unit_random() -> f64 {
-    use ring::rand::{SecureRandom, SystemRandom};
     let mut b = [0u8; 8];
-    if SystemRandom::new().fill(&mut b).is_err() {
+    if crate::random::fill(&mut b).is_err() {
         return 0.5;
     }
     (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64

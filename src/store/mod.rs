@@ -875,6 +875,15 @@ impl Tx<'_> {
             );
             self.count_due(p.lane(), -1);
         }
+        self.insert_outbox(e)
+    }
+
+    /// Writes an outbox entry with a fresh id (no earlier version to unindex, so no read), and
+    /// its due-index key if it is scheduled.
+    ///
+    /// # Errors
+    /// Encode failure.
+    pub fn insert_outbox(&mut self, e: &OutboxEntry) -> Result<()> {
         if e.is_due_indexed() {
             self.put_raw(
                 Ks::OutboxDue,

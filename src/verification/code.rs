@@ -1,8 +1,6 @@
 //! One-time codes: drawn uniformly from the configured alphabet with the system CSPRNG, and
 //! normalized before comparison (spaces and dashes removed, letters upper-cased).
 
-use ring::rand::{SecureRandom, SystemRandom};
-
 /// Draws a code of `len` characters, each uniform over `alphabet` (rejection sampling: bytes at
 /// or above the largest multiple of the alphabet size are thrown away, so there is no modulo
 /// bias).
@@ -10,8 +8,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// # Errors
 /// The OS random source failed.
 pub fn draw(alphabet: &[u8], len: usize) -> Result<String, ring::error::Unspecified> {
-    let rng = SystemRandom::new();
-    draw_with(&mut |buf| rng.fill(buf), alphabet, len)
+    draw_with(&mut crate::random::fill, alphabet, len)
 }
 
 /// Random bytes source; a function so tests can script it.

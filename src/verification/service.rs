@@ -126,6 +126,18 @@ pub enum Error {
 /// Result of service calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The 202 answer to a create (fields in the order the JSON has always had: by name).
+#[derive(serde::Serialize)]
+struct Created<'a> {
+    email: &'a str,
+    expires_at: String,
+    id: VerificationId,
+    method: &'static str,
+    purpose: &'a str,
+    status: &'static str,
+    watch_token: &'a str,
+}
+
 /// `POST /v1/verifications` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -576,16 +588,16 @@ impl Service {
             callback: None,
         };
         let watch_token = self.0.keys.sign(TokenKind::Watch, id, expires_at);
-        let body = json!({
-            "id": id.to_string(),
-            "status": "pending",
-            "email": v.email,
-            "method": method.as_str(),
-            "purpose": v.purpose,
-            "expires_at": expires_at.to_rfc3339(),
-            "watch_token": watch_token,
+        let body = serde_json::to_string(&Created {
+            email: &v.email,
+            expires_at: expires_at.to_rfc3339(),
+            id,
+            method: method.as_str(),
+            purpose: &v.purpose,
+            status: "pending",
+            watch_token: &watch_token,
         })
-        .to_string();
+        .map_err(store::Error::from)?;
         let mail = self.email_entry(app, &v, now);
         let this = self.clone();
         let (reply, superseded) = self
@@ -622,7 +634,7 @@ impl Service {
                 }
                 tx.insert_verification(&v)?;
                 tx.set_current(&v.app, &v.purpose, &v.email_key, v.id);
-                tx.put_outbox(&mail)?;
+                tx.insert_outbox(&mail)?;
                 if let Some((key, hash)) = &idempotency {
                     tx.put_idempotency(
                         &v.app,
@@ -754,20 +766,12 @@ impl Service {
 
     fn email_entry(&self, app: &App, v: &Verification, now: UnixTime) -> OutboxEntry {
         let msg_id = MessageId::generate(now);
-        let from = if app.from.is_empty() {
-            self.0.default_from.clone()
+        let (from, domain) = if app.from.is_empty() {
+            let from = &self.0.default_from;
+            (from.clone(), crate::mail::message_id_domain(from))
         } else {
-            app.from.clone()
+            (app.from.clone(), app.message_id_domain.clone())
         };
-        let domain = crate::mail::parse_mailbox(&from)
-            .ok()
-            .and_then(|m| {
-                m.address
-                    .as_str()
-                    .rsplit_once('@')
-                    .map(|(_, d)| d.to_string())
-            })
-            .unwrap_or_else(|| "verigate.invalid".into());
         OutboxEntry::new(
             msg_id,
             v.id,
@@ -799,7 +803,7 @@ impl Service {
             "timestamp": now.to_rfc3339(),
             "data": self.data_json(v, now),
         });
-        tx.put_outbox(&OutboxEntry::new(
+        tx.insert_outbox(&OutboxEntry::new(
             id,
             v.id,
             &v.app,
@@ -1064,7 +1068,7 @@ impl Service {
                 }
                 v.delivery.status = DeliveryStatus::Queued;
                 tx.put_verification(&v)?;
-                tx.put_outbox(&this.email_entry(&app, &v, now))?;
+                tx.insert_outbox(&this.email_entry(&app, &v, now))?;
                 Ok(v)
             })
             .await?;

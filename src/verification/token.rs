@@ -306,7 +306,7 @@ impl Keyring {
     ) -> Result<String, ring::error::Unspecified> {
         let key = self.current();
         let mut nonce = [0u8; aead::NONCE_LEN];
-        SystemRandom::new().fill(&mut nonce)?;
+        crate::random::fill(&mut nonce)?;
         let mut in_out = code.as_bytes().to_vec();
         key.code_seal.seal_in_place_append_tag(
             aead::Nonce::assume_unique_for_key(nonce),

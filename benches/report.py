@@ -140,7 +140,7 @@ rows.append((
     "3", "Address syntax: `parse` over the email-validator corpus (per address)",
     f"{fmt(rn, ',.1f')} ns/address (criterion median)" if rn is not None else section_state("syntax"),
     f"email-validator {M.get('sw.email_validator', '?')}: {fmt(pn)} ns/address (mean)" if pn is not None else "—",
-    f"{sp:.1f}×" if sp is not None else "—",
+    f"{sp:.1f}× (median of {R.get('syntax.pairs', '?')} pairs)" if sp is not None else "—",
     "≥ 50× faster",
     verdict(sp >= 50 if sp is not None else None),
 ))
@@ -396,11 +396,12 @@ if wl:
 if rn is not None or pn is not None:
     w("## 3. Address syntax details")
     w("")
-    w(f"criterion `parse/corpus`: {fmt(num('syntax.rust_iter_ns'))} ns per pass over {R.get('syntax.rust_cases', '?')} cases "
-      f"(median) = {fmt(rn, ',.1f')} ns/address. Python email-validator {M.get('sw.email_validator', '?')} "
+    w(f"Rust and Python ran alternately, {R.get('syntax.pairs', '?')} times; each figure is the median over those runs. "
+      f"criterion `parse/corpus`: {fmt(num('syntax.rust_iter_ns'))} ns per pass over {R.get('syntax.rust_cases', '?')} cases "
+      f"= {fmt(rn, ',.1f')} ns/address. Python email-validator {M.get('sw.email_validator', '?')} "
       f"(`benches/email_validator_bench.py`, {R.get('syntax.py_cases', '?')} cases × {R.get('syntax.py_rounds', '?')} rounds): "
       f"mean {R.get('syntax.py_ns', '?')} ns/address, best round {R.get('syntax.py_best_ns', '?')}. "
-      f"Speed-up (mean / median): {fmt(sp, '.1f')}×.")
+      f"Speed-up, Python mean / Rust median, per pair: {R.get('syntax.speedups', '?')}; median {fmt(sp, '.1f')}×.")
     adv = [f"{k.split('.')[-1][:-3]} {v} ms" for k, v in sorted(R.items()) if k.startswith("syntax.adv.")]
     if adv:
         w("")

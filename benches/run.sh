@@ -207,53 +207,75 @@ if has delivery; then
     section delivery env "${d_env[@]}" "$HERE/delivery.sh"
 fi
 if has syntax; then
-    if [[ "$QUICK" == 1 ]]; then crit=(--warm-up-time 1 --measurement-time 2); rounds=5
-    else crit=(); rounds=20; fi
+    if [[ "$QUICK" == 1 ]]; then crit=(--warm-up-time 1 --measurement-time 2); rounds=5; pairs=2
+    else crit=(); rounds=20; pairs=3; fi
+    # Rust and Python alternate, $pairs times, and the speed-up is the median of the pairs'
+    # ratios: a slow spell of the machine then hits both sides of a pair, not one side of the
+    # whole comparison.
     syntax_run() {
-        (cd "$ROOT" && cargo bench --bench syntax -- "${crit[@]}") >"$RUN_DIR/syntax-rust.txt" 2>&1 ||
-            { tail -30 "$RUN_DIR/syntax-rust.txt"; return 1; }
-        python3 "$HERE/email_validator_bench.py" --rounds "$rounds" >"$RUN_DIR/syntax-python.txt" 2>&1 ||
-            { cat "$RUN_DIR/syntax-python.txt"; return 1; }
-        python3 - "$RUN_DIR/syntax-rust.txt" "$RUN_DIR/syntax-python.txt" >>"$RESULTS" <<'EOF'
-import re, sys
-rust = open(sys.argv[1], encoding="utf-8", errors="replace").read()
-py = open(sys.argv[2], encoding="utf-8").read()
+        local i
+        for i in $(seq "$pairs"); do
+            (cd "$ROOT" && cargo bench --bench syntax -- "${crit[@]}" parse/corpus) \
+                >"$RUN_DIR/syntax-rust-$i.txt" 2>&1 ||
+                { tail -30 "$RUN_DIR/syntax-rust-$i.txt"; return 1; }
+            python3 "$HERE/email_validator_bench.py" --rounds "$rounds" >"$RUN_DIR/syntax-python-$i.txt" 2>&1 ||
+                { cat "$RUN_DIR/syntax-python-$i.txt"; return 1; }
+        done
+        (cd "$ROOT" && cargo bench --bench syntax -- "${crit[@]}" adversarial) >"$RUN_DIR/syntax-adversarial.txt" 2>&1 ||
+            { tail -30 "$RUN_DIR/syntax-adversarial.txt"; return 1; }
+        python3 - "$RUN_DIR" "$pairs" >>"$RESULTS" <<'EOF'
+import re, statistics, sys
+run_dir, pairs = sys.argv[1], int(sys.argv[2])
 UNIT = {"ps": 1e-3, "ns": 1.0, "µs": 1e3, "us": 1e3, "ms": 1e6, "s": 1e9}
 EL = {"elem/s": 1.0, "Kelem/s": 1e3, "Melem/s": 1e6, "Gelem/s": 1e9}
-def bench(name):
+def read(name):
+    return open(f"{run_dir}/{name}", encoding="utf-8", errors="replace").read()
+def bench(text, name):
     # criterion: "<name>   time:   [lo unit mid unit hi unit]" then "thrpt:  [...]" (optional)
-    m = re.search(re.escape(name) + r"\s+time:\s+\[([\d.]+) (\S+) ([\d.]+) (\S+) ([\d.]+) (\S+)\]", rust)
+    m = re.search(re.escape(name) + r"\s+time:\s+\[([\d.]+) (\S+) ([\d.]+) (\S+) ([\d.]+) (\S+)\]", text)
     if not m:
         return None, None
     mid = float(m.group(3)) * UNIT[m.group(4)]
-    t = re.search(r"thrpt:\s+\[([\d.]+) (\S+) ([\d.]+) (\S+)", rust[m.end():m.end() + 300])
+    t = re.search(r"thrpt:\s+\[([\d.]+) (\S+) ([\d.]+) (\S+)", text[m.end():m.end() + 300])
     thr = float(t.group(3)) * EL[t.group(4)] if t else None
     return mid, thr
-mid, thr = bench("parse/corpus")
-if mid is None:
-    sys.exit("no parse/corpus result in the criterion output")
-# Elements per iteration = the corpus cases (criterion's throughput); ns per address from it.
-cases = round(mid * thr / 1e9) if thr else None
-print(f"syntax.rust_iter_ns={mid:.0f}")
-if cases:
-    print(f"syntax.rust_cases={cases}")
-    print(f"syntax.rust_ns={mid / cases:.1f}")
-m = re.search(r"(\d+) cases x (\d+) rounds", py)
-pm = re.search(r"mean (\d+) ns/address, best round (\d+) ns/address", py)
-if m and pm:
-    print(f"syntax.py_cases={m.group(1)}")
-    print(f"syntax.py_rounds={m.group(2)}")
-    print(f"syntax.py_ns={pm.group(1)}")
-    print(f"syntax.py_best_ns={pm.group(2)}")
-    if cases:
-        print(f"syntax.speedup={int(pm.group(1)) / (mid / cases):.1f}")
+iters, rust_ns, py_ns, py_best, speedups = [], [], [], [], []
+cases = py_cases = py_rounds = None
+for i in range(1, pairs + 1):
+    mid, thr = bench(read(f"syntax-rust-{i}.txt"), "parse/corpus")
+    if mid is None or not thr:
+        sys.exit(f"no parse/corpus result in syntax-rust-{i}.txt")
+    # Elements per iteration = the corpus cases (criterion's throughput); ns per address from it.
+    cases = round(mid * thr / 1e9)
+    py = read(f"syntax-python-{i}.txt")
+    m = re.search(r"(\d+) cases x (\d+) rounds", py)
+    pm = re.search(r"mean (\d+) ns/address, best round (\d+) ns/address", py)
+    if not (m and pm):
+        sys.exit(f"no result in syntax-python-{i}.txt")
+    py_cases, py_rounds = m.group(1), m.group(2)
+    iters.append(mid)
+    rust_ns.append(mid / cases)
+    py_ns.append(int(pm.group(1)))
+    py_best.append(int(pm.group(2)))
+    speedups.append(py_ns[-1] / rust_ns[-1])
+print(f"syntax.pairs={pairs}")
+print(f"syntax.rust_iter_ns={statistics.median(iters):.0f}")
+print(f"syntax.rust_cases={cases}")
+print(f"syntax.rust_ns={statistics.median(rust_ns):.1f}")
+print(f"syntax.py_cases={py_cases}")
+print(f"syntax.py_rounds={py_rounds}")
+print(f"syntax.py_ns={statistics.median(py_ns):.0f}")
+print(f"syntax.py_best_ns={min(py_best)}")
+print(f"syntax.speedup={statistics.median(speedups):.1f}")
+print("syntax.speedups=" + ", ".join(f"{s:.1f}" for s in speedups))
+adv = read("syntax-adversarial.txt")
 for name in ("huge_ascii", "escaped_marks", "lt_with_solidus", "long_display_name"):
-    t, _ = bench("adversarial/" + name)
+    t, _ = bench(adv, "adversarial/" + name)
     if t is not None:
         print(f"syntax.adv.{name}_ms={t / 1e6:.2f}")
 EOF
     }
-    cmdline syntax "" "cargo bench --bench syntax${crit:+ -- ${crit[*]}}; python3 benches/email_validator_bench.py --rounds $rounds"
+    cmdline syntax "" "$pairs x (cargo bench --bench syntax -- ${crit[*]:+${crit[*]} }parse/corpus; python3 benches/email_validator_bench.py --rounds $rounds); cargo bench --bench syntax -- ${crit[*]:+${crit[*]} }adversarial"
     section syntax syntax_run
 fi
 parts=""

@@ -177,6 +177,16 @@ mod tests {
     }
 
     #[test]
+    fn message_ids_take_the_sender_domain_or_a_reserved_one() {
+        assert_eq!(
+            message_id_domain("Shop <no-reply@mail.example.com>"),
+            "mail.example.com"
+        );
+        assert_eq!(message_id_domain(""), "verigate.invalid");
+        assert_eq!(message_id_domain("a@b@c"), "verigate.invalid");
+    }
+
+    #[test]
     fn an_injected_subject_stays_one_header() {
         let m = Composed {
             from: parse_mailbox("Shop <no-reply@example.com>").expect("ok"),

@@ -1219,11 +1219,7 @@ fn validate_domain_name(domain: &str, opts: &Options) -> Result<DomainInfo> {
     }
 
     // Without A-labels the Unicode form is the ASCII form.
-    if !ascii_domain
-        .as_bytes()
-        .windows(ACE_PREFIX.len())
-        .any(|w| w == ACE_PREFIX.as_bytes())
-    {
+    if !ascii_domain.contains(ACE_PREFIX) {
         return Ok(DomainInfo {
             domain: ascii_domain.clone(),
             ascii_domain,

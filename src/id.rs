@@ -20,9 +20,9 @@ impl RawId {
     pub fn generate(now: UnixTime) -> Self {
         let mut b = [0u8; 16];
         b[..6].copy_from_slice(&now.0.to_be_bytes()[2..]);
-        // The random source only fails when the OS has no entropy source; a zero tail would still be
-        // unique enough within one millisecond for one process only by chance, so fall back to a
-        // process counter mixed with the clock rather than panic.
+        // The random source only fails when the OS has no entropy source; a zero tail would
+        // still be unique enough within one millisecond for one process only by chance, so fall
+        // back to a process counter mixed with the clock rather than panic.
         if crate::random::fill(&mut b[6..]).is_err() {
             use std::sync::atomic::{AtomicU64, Ordering};
             static COUNTER: AtomicU64 = AtomicU64::new(1);

@@ -179,7 +179,7 @@ pub async fn handle(service: &Service, hub: &Hub, mut req: Request<Incoming>, id
             return too_many(refused);
         }
     };
-    let current = match service.store().read(move |r| r.verification(vid)).await {
+    let current = match service.store().lookup(move |r| r.verification(vid)).await {
         Ok(Some(v)) => Snapshot {
             status: v.status,
             delivery: v.delivery.status,

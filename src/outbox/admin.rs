@@ -65,7 +65,7 @@ pub async fn list(
 /// [`Error::NotFound`], or a store failure.
 pub async fn show(service: &Service, app: &str, id: &str) -> Result<Value> {
     let id: MessageId = id.parse().map_err(|_| Error::NotFound)?;
-    match service.store().read(move |r| r.outbox(id)).await? {
+    match service.store().lookup(move |r| r.outbox(id)).await? {
         Some(e) if e.app == app => Ok(e.to_json()),
         _ => Err(Error::NotFound),
     }

@@ -15,8 +15,9 @@
 //!
 //! Invariants: all writes of one state change happen in one [`Store::write`] operation and so in
 //! one batch; an outbox record and its due-index key move together; a `write` answers only after
-//! its batch is durably on disk. Reads ([`Store::read`]) see committed data. fjall calls block,
-//! so they run on the writer thread or in `spawn_blocking`, never on the async reactor.
+//! its batch is durably on disk. Reads see committed data: point reads ([`Store::lookup`]) on
+//! the store's reader thread, scans ([`Store::read`]) in `spawn_blocking`. fjall calls block, so
+//! they run on those threads or the writer's, never on the async reactor.
 //!
 //! The seam for other engines (DESIGN §12) is [`Tx`]: a PostgreSQL store would implement the
 //! same typed operations inside one SQL transaction.
@@ -42,6 +43,9 @@ use crate::verification::{DeliveryStatus, Status, Verification};
 /// Operations waiting for the writer; beyond this, callers wait (backpressure).
 const WRITE_QUEUE: usize = 8192;
 
+/// Point reads waiting for the reader thread ([`Store::lookup`]); beyond this, callers wait.
+const LOOKUP_QUEUE: usize = 1024;
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,6 +70,9 @@ pub enum Error {
     /// A blocking read task failed.
     #[error("read task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A point read panicked (a bug) on the reader thread.
+    #[error("a point read failed")]
+    Lookup,
 }
 
 /// A position in a lane's due index (ordered like the index: time, then id).
@@ -141,6 +148,7 @@ impl Keyspaces {
 type Overlay = HashMap<(Ks, Vec<u8>), Option<fjall::Slice>>;
 type Finish = Box<dyn FnOnce(Result<(), Arc<Error>>) + Send>;
 type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Finish + Send>;
+type Lookup = Box<dyn FnOnce(&Reader) + Send>;
 
 enum Job {
     /// An operation, and whether its answer waits for an fsync.
@@ -177,6 +185,7 @@ struct Inner {
     db: Database,
     ks: Keyspaces,
     jobs: mpsc::Sender<Job>,
+    lookups: mpsc::Sender<Lookup>,
     stats: Arc<StoreStats>,
     observer: Arc<OnceLock<Observer>>,
     due_low: Arc<DueLow>,
@@ -294,10 +303,22 @@ impl Store {
             .name("verigate-store-writer".into())
             .spawn(move || writer.run())
             .map_err(Error::Setup)?;
+        let (lookups, mut queued) = mpsc::channel::<Lookup>(LOOKUP_QUEUE);
+        let reader = Reader { ks: ks.clone() };
+        std::thread::Builder::new()
+            .name("verigate-reader".into())
+            .spawn(move || {
+                // Ends when the store is dropped.
+                while let Some(lookup) = queued.blocking_recv() {
+                    lookup(&reader);
+                }
+            })
+            .map_err(Error::Setup)?;
         Ok(Store(Arc::new(Inner {
             db,
             ks,
             jobs: tx,
+            lookups,
             stats,
             observer,
             due_low,
@@ -399,7 +420,8 @@ impl Store {
         answer.await.map_err(|_| E::from(Error::Closed))?
     }
 
-    /// Runs a read on a blocking thread against committed data.
+    /// Runs a read on a blocking thread against committed data: for scans (point reads go
+    /// through [`Store::lookup`], which costs less).
     ///
     /// # Errors
     /// `f`'s error or a failed task.
@@ -412,6 +434,33 @@ impl Store {
             ks: self.0.ks.clone(),
         };
         tokio::task::spawn_blocking(move || f(&reader)).await?
+    }
+
+    /// Runs a point read (a few keys, no scan) on the store's reader thread against committed
+    /// data. One thread takes the reads in turn, as many as are queued per wake-up: under load
+    /// that costs far less than a hand-off to the blocking pool per read (benches/README.md,
+    /// "get"). A scan would hold up every lookup behind it: scans go through [`Store::read`].
+    ///
+    /// # Errors
+    /// `f`'s error, [`Error::Lookup`] if it panicked, or [`Error::Closed`].
+    pub async fn lookup<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Reader) -> Result<R> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let lookup: Lookup = Box::new(move |r: &Reader| {
+            // A panicking read (a bug) must not take the reader thread down with it.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(r)))
+                .unwrap_or(Err(Error::Lookup));
+            let _ = reply.send(out);
+        });
+        self.0
+            .lookups
+            .send(lookup)
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
     }
 
     /// A reader for blocking contexts (tests, tools).
@@ -1412,6 +1461,48 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(seen, Some(VerificationId::from_bytes([3; 16])));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_see_committed_writes_and_a_panicking_one_does_not_stop_the_reader() {
+        let (_dir, store) = open();
+        let ids: Vec<_> = (0..50u8)
+            .map(|i| VerificationId::from_bytes([i; 16]))
+            .collect();
+        let written = ids.clone();
+        store
+            .write(move |tx| -> Result<(), TestError> {
+                for (i, id) in written.iter().enumerate() {
+                    tx.set_current("a", "p", &format!("e{i}"), *id);
+                }
+                Ok(())
+            })
+            .await
+            .expect("write");
+        // Many at once: queued together, each answered with its own key's value.
+        let reads = (0..ids.len()).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .lookup(move |r| r.current("a", "p", &format!("e{i}")))
+                    .await
+            })
+        });
+        let mut seen = Vec::new();
+        for read in reads {
+            seen.push(read.await.expect("task").expect("lookup"));
+        }
+        assert_eq!(seen, ids.iter().copied().map(Some).collect::<Vec<_>>());
+
+        let failed = store
+            .lookup(|_| -> Result<()> { panic!("a bug in a read") })
+            .await;
+        assert!(matches!(failed, Err(Error::Lookup)), "{failed:?}");
+        let again = store
+            .lookup(|r| r.current("a", "p", "e7"))
+            .await
+            .expect("the reader thread still answers");
+        assert_eq!(again, ids.get(7).copied());
     }
 
     #[tokio::test]

@@ -676,7 +676,7 @@ impl Service {
         let prev = self
             .0
             .store
-            .read(move |r| r.idempotency(&app, &key))
+            .lookup(move |r| r.idempotency(&app, &key))
             .await?;
         match prev {
             Some(p) if p.created_at.plus(ttl) > now => {
@@ -870,7 +870,7 @@ impl Service {
     /// [`Error::NotFound`] for a malformed id, a missing one or another app's.
     pub async fn get(&self, app: &App, id: &str) -> Result<Verification> {
         let id: VerificationId = id.parse().map_err(|_| Error::NotFound)?;
-        let v = self.0.store.read(move |r| r.verification(id)).await?;
+        let v = self.0.store.lookup(move |r| r.verification(id)).await?;
         match v {
             Some(v) if v.app == app.id => Ok(v),
             _ => Err(Error::NotFound),
@@ -895,7 +895,7 @@ impl Service {
                 let app_id = app.id.clone();
                 self.0
                     .store
-                    .read(move |r| r.current(&app_id, &purpose, &key))
+                    .lookup(move |r| r.current(&app_id, &purpose, &key))
                     .await?
                     .ok_or(Error::NotFound)
             }
@@ -1129,7 +1129,7 @@ impl Service {
             Err(TokenError::Expired(id)) => id,
             Err(_) => return Ok(LinkView::Invalid),
         };
-        let v = self.0.store.read(move |r| r.verification(id)).await?;
+        let v = self.0.store.lookup(move |r| r.verification(id)).await?;
         Ok(match v {
             Some(v) => LinkView::Found {
                 id: v.id,

@@ -439,7 +439,8 @@ impl Store {
     /// Runs a point read (a few keys, no scan) on the store's reader thread against committed
     /// data. One thread takes the reads in turn, as many as are queued per wake-up: under load
     /// that costs far less than a hand-off to the blocking pool per read (benches/README.md,
-    /// "get"). A scan would hold up every lookup behind it: scans go through [`Store::read`].
+    /// "get"). A scan would hold up every lookup behind it, as a read from disk does for its
+    /// duration: scans go through [`Store::read`].
     ///
     /// # Errors
     /// `f`'s error, [`Error::Lookup`] if it panicked, or [`Error::Closed`].

@@ -430,9 +430,7 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Reader) -> Result<R> + Send + 'static,
     {
-        let reader = Reader {
-            ks: self.0.ks.clone(),
-        };
+        let reader = self.reader();
         tokio::task::spawn_blocking(move || f(&reader)).await?
     }
 
@@ -1481,14 +1479,16 @@ mod tests {
             .await
             .expect("write");
         // Many at once: queued together, each answered with its own key's value.
-        let reads = (0..ids.len()).map(|i| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .lookup(move |r| r.current("a", "p", &format!("e{i}")))
-                    .await
+        let reads: Vec<_> = (0..ids.len())
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .lookup(move |r| r.current("a", "p", &format!("e{i}")))
+                        .await
+                })
             })
-        });
+            .collect();
         let mut seen = Vec::new();
         for read in reads {
             seen.push(read.await.expect("task").expect("lookup"));

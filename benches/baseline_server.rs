@@ -33,10 +33,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -217,9 +217,8 @@ async fn main() -> std::io::Result<()> {
         "baseline"
     };
     eprintln!("{mode} listening on http://{}", listener.local_addr()?);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
     loop {
@@ -232,10 +231,10 @@ async fn main() -> std::io::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
-        // As the daemon does: an owned connection future, spawned per connection.
+        // As the daemon does: HTTP/1.1 with upgrades, a connection future spawned per connection.
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle))
-            .into_owned();
+            .serve_connection(TokioIo::new(stream), service_fn(handle))
+            .with_upgrades();
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -405,6 +405,9 @@ impl Default for VerificationPolicy {
     }
 }
 
+/// Largest `http.max_connections`.
+const MAX_CONNECTIONS: u32 = 1_000_000;
+
 /// HTTP server limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -415,6 +418,9 @@ pub struct Http {
     pub header_read_timeout_ms: u64,
     /// Requests in flight per listener before new ones get 503 `overloaded`. Default 1024.
     pub max_concurrency: usize,
+    /// Open connections per listener; at the limit the listener stops accepting until one
+    /// closes (new clients wait in the kernel's backlog). Default 4096.
+    pub max_connections: u32,
     /// How long shutdown waits for in-flight requests, milliseconds. Default 10000.
     pub shutdown_grace_ms: u64,
     /// A header a trusted reverse proxy sets to the client's address (`x-forwarded-for`,
@@ -428,6 +434,7 @@ impl Default for Http {
             request_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
             max_concurrency: 1024,
+            max_connections: 4096,
             shutdown_grace_ms: 10_000,
             client_ip_header: String::new(),
         }
@@ -718,6 +725,12 @@ impl Config {
         if self.http.max_concurrency == 0 {
             return Err(invalid("http.max_concurrency", "must be at least 1"));
         }
+        if !(1..=MAX_CONNECTIONS).contains(&self.http.max_connections) {
+            return Err(invalid(
+                "http.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
         self.callbacks
             .validate()
             .map_err(|e| invalid(format!("callbacks.{}", e.field), e.problem))?;
@@ -973,6 +986,8 @@ mod tests {
                 "[verification]\ncode_alphabet = \"aa\"",
                 "verification.code_alphabet",
             ),
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            ("[http]\nmax_connections = 1000001", "http.max_connections"),
             ("[[apps]]\nid = \"Shop!\"\napi_keys=[\"k\"]", "apps[0].id"),
             ("[[apps]]\nid = \"shop\"", "apps[0].api_keys"),
             (

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub store_ops: IntCounter,
     /// Requests shed because of overload.
     pub http_shed: IntCounterVec,
+    /// Open connections by listener.
+    pub http_connections: IntGaugeVec,
 }
 
 /// Metric registration failure (a bug: duplicate names).
@@ -137,6 +139,10 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let http_connections = IntGaugeVec::new(
+            Opts::new("http_connections", "Open HTTP connections by listener"),
+            &["listener"],
+        )?;
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -150,6 +156,7 @@ impl Metrics {
             Box::new(store_commits.clone()),
             Box::new(store_ops.clone()),
             Box::new(http_shed.clone()),
+            Box::new(http_connections.clone()),
         ] {
             registry.register(c)?;
         }
@@ -171,6 +178,7 @@ impl Metrics {
         }
         for l in ["api", "public"] {
             http_shed.with_label_values(&[l]);
+            http_connections.with_label_values(&[l]);
         }
         Ok(Metrics {
             registry,
@@ -186,6 +194,7 @@ impl Metrics {
             store_commits,
             store_ops,
             http_shed,
+            http_connections,
         })
     }
 

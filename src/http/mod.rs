@@ -29,7 +29,8 @@
 //!
 //! Layers, outer to inner: request id + trace + metrics + error-to-response mapping
 //! ([`layers::Observe`]), load shedding, concurrency limit, timeout, router. Bodies are limited to 64 KiB
-//! while reading (413). The header-read timeout is hyper's, with its timer set.
+//! while reading (413). The header-read timeout is hyper's, with its timer set. HTTP/1.1 only;
+//! connections per listener are capped ([`Server::run`]).
 
 pub mod api;
 pub mod error;
@@ -49,14 +50,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch as signal};
+use tokio::sync::{Semaphore, mpsc, watch as signal};
 use tower::{BoxError, ServiceBuilder};
 
 pub use error::ApiError;
@@ -432,6 +432,11 @@ impl Server {
 
     /// Serves until `shutdown` turns true, then stops accepting and drains in-flight requests
     /// for at most `http.shutdown_grace_ms`.
+    ///
+    /// HTTP/1.1 only (WebSocket upgrades included). Each connection holds one of
+    /// `http.max_connections` slots; with none free the listener stops accepting until one
+    /// closes. A connection that sends nothing, or stops between requests, is closed by hyper's
+    /// header-read timeout, which runs from the moment a request head is awaited.
     pub async fn run(self, mut shutdown: signal::Receiver<bool>) {
         let Server {
             listener,
@@ -440,46 +445,69 @@ impl Server {
             cfg,
             metrics,
         } = self;
+        let metrics = Arc::new(metrics);
         let inner = ServiceBuilder::new()
             .load_shed()
             .concurrency_limit(cfg.max_concurrency)
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .service(layers::Route::new(router));
         // One Arc per listener: the layer is cloned per connection and per request.
-        let svc = layers::Observe::new(inner, kind, Arc::new(metrics));
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        let svc = layers::Observe::new(inner, kind, metrics.clone());
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms));
-        let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(cfg.max_connections as usize));
+        let open = metrics.http_connections.with_label_values(&[kind.as_str()]);
+        // Turned true once: every connection then finishes its request in flight and closes.
+        let (close, closing) = signal::channel(false);
         loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc.clone().with_peer(peer)))
-                        .into_owned();
-                    let fut = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        let _ = fut.await;
-                    });
-                }
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s,
                 _ = shutdown.changed() => break,
-            }
+            };
+            // The semaphore is never closed.
+            let Ok(slot) = slot else { break };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = http
+                .serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(svc.clone().with_peer(peer)),
+                )
+                .with_upgrades();
+            let mut closing = closing.clone();
+            let open = open.clone();
+            open.inc();
+            tokio::spawn(async move {
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    // (The watch's guard must not live across the await below.)
+                    () = async { let _ = closing.wait_for(|c| *c).await; } => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                open.dec();
+                drop(slot);
+            });
         }
         drop(listener);
+        let _ = close.send(true);
+        // Every slot back means every connection is closed.
         tokio::select! {
-            _ = graceful.shutdown() => {}
+            _ = slots.acquire_many(cfg.max_connections) => {}
             _ = tokio::time::sleep(Duration::from_millis(cfg.shutdown_grace_ms)) => {
                 tracing::warn!(listener = kind.as_str(), "shutdown grace period over; closing remaining connections");
             }

@@ -1,5 +1,6 @@
-//! The layer stack under stress: load shedding, request timeout, header-read timeout, and
-//! graceful shutdown of the real binary on SIGTERM. Real sockets; stalled clients are made by
+//! The layer stack under stress: load shedding, request timeout, header-read timeout (also for
+//! silent, idle and HTTP/2 connections), the connection limit, and graceful shutdown of the
+//! real binary on SIGTERM. Real sockets; stalled clients are made by
 //! sending a request head that promises a body and then withholding it.
 
 use std::time::{Duration, Instant};
@@ -57,25 +58,87 @@ async fn a_request_that_takes_too_long_gets_a_json_503() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
-#[tokio::test]
-async fn a_client_that_never_finishes_its_headers_is_disconnected() {
-    let app = spawn_app_with("[http]\nheader_read_timeout_ms = 300\n").await;
-    let addr = app.api.trim_start_matches("http://").to_string();
-    let mut s = TcpStream::connect(&addr).await.expect("connect");
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .expect("write");
+/// Connects to `addr`, sends `sent`, and asserts that the server closes the connection after
+/// its header-read timeout (300 ms in these tests). Returns what the server answered.
+async fn closed_by_the_header_timeout(addr: &str, sent: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(sent).await.expect("write");
     let started = Instant::now();
-    let _ = read_to_end_within(&mut s, Duration::from_secs(5)).await;
+    let text = read_to_end_within(&mut s, Duration::from_secs(5)).await;
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(3),
-        "connection held for {took:?}"
+        "{sent:?}: connection held for {took:?}"
     );
     assert!(
         took >= Duration::from_millis(250),
-        "closed too early: {took:?}"
+        "{sent:?}: closed too early: {took:?}"
     );
+    text
+}
+
+#[tokio::test]
+async fn silent_slow_and_idle_clients_are_disconnected_by_the_header_timeout() {
+    let app = spawn_app_with("[http]\nheader_read_timeout_ms = 300\n").await;
+    for addr in [&app.api, &app.public] {
+        let addr = addr.trim_start_matches("http://");
+        // A head that never ends, and nothing at all.
+        for sent in [&b"GET /healthz HTTP/1.1\r\nHost: x\r\n"[..], b""] {
+            closed_by_the_header_timeout(addr, sent).await;
+        }
+        // Idle after a complete request (keep-alive): answered, then closed.
+        let text =
+            closed_by_the_header_timeout(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn an_http2_preface_whole_or_half_is_refused_at_once() {
+    let app = spawn_app_with("").await;
+    let addr = app.public.trim_start_matches("http://").to_string();
+    for sent in [
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        b"PRI * HTTP/2.0\r\n",
+    ] {
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(sent).await.expect("write");
+        let started = Instant::now();
+        let text = read_to_end_within(&mut s, Duration::from_secs(5)).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{sent:?}: held for {took:?}");
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 "),
+            "{sent:?}: not an HTTP/1.1 answer: {text:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_wait_until_one_closes() {
+    let app = spawn_app_with("[http]\nmax_connections = 2\nheader_read_timeout_ms = 10000\n").await;
+    let addr = app.api.trim_start_matches("http://").to_string();
+    let idle1 = TcpStream::connect(&addr).await.expect("connect");
+    let _idle2 = TcpStream::connect(&addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = app.running().service.metrics().render();
+    assert!(
+        m.contains("verigate_http_connections{listener=\"api\"} 2"),
+        "{m}"
+    );
+    // The third connection is not accepted (the kernel queues it): no answer.
+    let mut third = TcpStream::connect(&addr).await.expect("connect");
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(early.is_err(), "answered over the limit: {early:?}");
+    // A slot frees: the queued connection is served.
+    drop(idle1);
+    let text = read_to_end_within(&mut third, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
 }
 
 #[test]

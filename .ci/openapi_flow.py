@@ -217,6 +217,11 @@ class Walk:
         self.call("POST", "/v1/verifications", body={**ok, "ttl_seconds": 0}, expect=400, code="invalid_request")
         self.call("POST", "/v1/verifications", body={**ok, "client_ip": "300.1.1.1"}, expect=400, code="invalid_request")
         self.call("POST", "/v1/verifications", body={**ok, "metadata": [1]}, expect=400, code="invalid_request")
+        deep = 1
+        for _ in range(32):
+            deep = [deep]
+        r = self.call("POST", "/v1/verifications", body={**ok, "metadata": {"a": deep}}, expect=400, code="invalid_request")
+        self.check(_error(r).get("field") == "metadata", "metadata nested 33 deep: field is not 'metadata'", r)
         self.call("POST", "/v1/verifications", body={**ok, "redirect_url": "https://evil.example.net/"}, expect=400, code="invalid_redirect_url")
         self.call("POST", "/v1/verifications", body=ok, headers={"Idempotency-Key": "k" * 256}, expect=400, code="invalid_idempotency_key")
         self.call("POST", "/v1/verifications/check", body={"code": "123456"}, expect=400, code="invalid_request")

@@ -30,7 +30,8 @@ pub const CHECK_RESULTS: [&str; 6] = [
     "not_found",
 ];
 /// Delivery outcomes counted by `verigate_outbox_attempts_total{lane,outcome}`.
-pub const OUTCOMES: [&str; 4] = ["delivered", "retry", "failed", "dropped"];
+/// `unreadable`: an entry that cannot be decoded, taken out of the due index (`outbox::worker`).
+pub const OUTCOMES: [&str; 5] = ["delivered", "retry", "failed", "dropped", "unreadable"];
 
 /// All metrics of the daemon.
 #[derive(Debug, Clone)]

@@ -214,6 +214,11 @@ impl From<ServiceError> for ApiError {
             )
             .with("limit", Value::from(limit))
             .with_retry_after(retry_after_secs),
+            E::UnreadableEntry => ApiError::new(
+                StatusCode::CONFLICT,
+                "unreadable_entry",
+                "This outbox entry cannot be decoded, so it cannot be retried; drop it instead (the server log has the cause).",
+            ),
             E::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 ApiError::internal()

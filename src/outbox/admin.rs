@@ -1,10 +1,20 @@
 //! Operator tools over the outbox (DESIGN §3.6): list entries by state, retry one now, drop
 //! one. Scoped to the calling app: an app's key never sees another app's entries.
+//!
+//! An entry that cannot be decoded (see `worker::claim`) is shown as `"state": "unreadable"`
+//! from its head, the fields stored before its payload, which name its app: it is listed (when
+//! no state is asked for), shown and dropped like any other, and cannot be retried. One whose
+//! head cannot be read either belongs to no app as far as anyone can tell, and there is no key
+//! above the apps' own: no key sees it or drops it (it is out of the due index, so it harms
+//! nothing; the worker's log names it).
 
 use serde_json::{Value, json};
 
 use super::{OutboxEntry, State};
+use crate::clock::UnixTime;
 use crate::id::MessageId;
+use crate::store::codec::OutboxHead;
+use crate::store::{OutboxRecord, Unreadable};
 use crate::verification::service::{Error, Result, Service};
 
 /// Most entries one listing returns.
@@ -30,33 +40,68 @@ pub async fn list(
     let page = service
         .store()
         .read(move |r| {
-            let mut out: Vec<OutboxEntry> = Vec::new();
+            let mut out: Vec<(MessageId, Value)> = Vec::new();
             let mut cursor = after;
             let mut scanned = 0;
             while out.len() < limit && scanned < SCAN_LIMIT {
                 let batch = r.outbox_page(cursor, 1000)?;
-                if batch.is_empty() {
+                let Some(last) = batch.last() else {
                     break;
-                }
+                };
                 scanned += batch.len();
-                cursor = batch.last().map(|e| e.id);
-                out.extend(
-                    batch
-                        .into_iter()
-                        .filter(|e| e.app == app && state.is_none_or(|s| e.state == s)),
-                );
+                cursor = Some(record_id(last));
+                out.extend(batch.iter().filter_map(|rec| match rec {
+                    Ok(e) if e.app == app && state.is_none_or(|s| e.state == s) => {
+                        Some((e.id, e.to_json()))
+                    }
+                    // Its state cannot be read: listed only when no state is asked for.
+                    Err(u) if state.is_none() => {
+                        owned(u, &app).map(|h| (u.id, unreadable_json(u.id, h)))
+                    }
+                    _ => None,
+                }));
             }
             out.truncate(limit);
             Ok(out)
         })
         .await?;
     let next = (page.len() == limit)
-        .then(|| page.last().map(|e| e.id.to_string()))
+        .then(|| page.last().map(|(id, _)| id.to_string()))
         .flatten();
     Ok(json!({
-        "entries": page.iter().map(OutboxEntry::to_json).collect::<Vec<_>>(),
+        "entries": page.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
         "next_after": next,
     }))
+}
+
+fn record_id(r: &OutboxRecord) -> MessageId {
+    match r {
+        Ok(e) => e.id,
+        Err(u) => u.id,
+    }
+}
+
+/// The head of an entry that cannot be decoded, when it can be read and names `app`.
+fn owned<'a>(u: &'a Unreadable, app: &str) -> Option<&'a OutboxHead> {
+    u.head.as_ref().filter(|h| h.app == app)
+}
+
+/// The admin JSON of entry `id`, which cannot be decoded: [`OutboxEntry::to_json`]'s members,
+/// from what can be read. The decode error stays in the server log: it may quote stored data.
+fn unreadable_json(id: MessageId, h: &OutboxHead) -> Value {
+    json!({
+        "id": id.to_string(),
+        "kind": h.lane.as_str(),
+        "verification_id": h.verification.to_string(),
+        "app": h.app,
+        "state": "unreadable",
+        "created_at": h.created_at.to_rfc3339(),
+        "due_at": h.due_at.to_rfc3339(),
+        "attempts": h.attempts,
+        "last_error": "this entry cannot be decoded, so it is not delivered; drop it (the server log has the cause)",
+        "delivered_at": Option::<UnixTime>::None,
+        "detail": Value::Null,
+    })
 }
 
 /// One of `app`'s entries.
@@ -65,8 +110,11 @@ pub async fn list(
 /// [`Error::NotFound`], or a store failure.
 pub async fn show(service: &Service, app: &str, id: &str) -> Result<Value> {
     let id: MessageId = id.parse().map_err(|_| Error::NotFound)?;
-    match service.store().lookup(move |r| r.outbox(id)).await? {
-        Some(e) if e.app == app => Ok(e.to_json()),
+    match service.store().lookup(move |r| r.outbox_record(id)).await? {
+        Some(Ok(e)) if e.app == app => Ok(e.to_json()),
+        Some(Err(u)) => owned(&u, app)
+            .map(|h| unreadable_json(id, h))
+            .ok_or(Error::NotFound),
         _ => Err(Error::NotFound),
     }
 }
@@ -74,7 +122,8 @@ pub async fn show(service: &Service, app: &str, id: &str) -> Result<Value> {
 /// Schedules one of `app`'s entries for an attempt now, with a fresh attempt budget.
 ///
 /// # Errors
-/// [`Error::NotFound`], or a store failure.
+/// [`Error::NotFound`], [`Error::UnreadableEntry`] for an entry that cannot be decoded, or a
+/// store failure.
 pub async fn retry(service: &Service, app: &str, id: &str) -> Result<Value> {
     let id: MessageId = id.parse().map_err(|_| Error::NotFound)?;
     let now = service.now();
@@ -82,8 +131,10 @@ pub async fn retry(service: &Service, app: &str, id: &str) -> Result<Value> {
     let e = service
         .store()
         .write(move |tx| -> Result<OutboxEntry> {
-            let mut e = match tx.outbox(id)? {
-                Some(e) if e.app == app => e,
+            let mut e = match tx.outbox_record(id)? {
+                Some(Ok(e)) if e.app == app => e,
+                // Nothing to schedule: its payload cannot be read (or re-encoded).
+                Some(Err(u)) if owned(&u, &app).is_some() => return Err(Error::UnreadableEntry),
                 _ => return Err(Error::NotFound),
             };
             e.state = State::Scheduled;
@@ -98,24 +149,45 @@ pub async fn retry(service: &Service, app: &str, id: &str) -> Result<Value> {
     Ok(e.to_json())
 }
 
-/// Deletes one of `app`'s entries: it will not be delivered.
+/// Deletes one of `app`'s entries: it will not be delivered. An entry that cannot be decoded is
+/// deleted from its head (its app, its due-index key).
 ///
 /// # Errors
 /// [`Error::NotFound`], or a store failure.
 pub async fn drop_entry(service: &Service, app: &str, id: &str) -> Result<Value> {
     let id: MessageId = id.parse().map_err(|_| Error::NotFound)?;
-    let app = app.to_string();
-    service
+    let owner = app.to_string();
+    // The decode error of an entry that could not be decoded, for the log.
+    let unreadable = service
         .store()
-        .write(move |tx| -> Result<()> {
-            match tx.outbox(id)? {
-                Some(e) if e.app == app => {
+        .write(move |tx| -> Result<Option<String>> {
+            match tx.outbox_record(id)? {
+                Some(Ok(e)) if e.app == owner => {
                     tx.delete_outbox(id)?;
-                    Ok(())
+                    Ok(None)
                 }
+                Some(Err(u)) => match owned(&u, &owner) {
+                    Some(_) => {
+                        tx.delete_unreadable_outbox(&u)?;
+                        Ok(Some(u.error.to_string()))
+                    }
+                    None => {
+                        if u.head.is_none() {
+                            tracing::warn!(
+                                entry = %id,
+                                error = %u.error,
+                                "an outbox entry that cannot be decoded names no app: no app's key can drop it"
+                            );
+                        }
+                        Err(Error::NotFound)
+                    }
+                },
                 _ => Err(Error::NotFound),
             }
         })
         .await?;
+    if let Some(error) = unreadable {
+        tracing::warn!(entry = %id, app, %error, "dropped an outbox entry that cannot be decoded");
+    }
     Ok(json!({"id": id.to_string(), "deleted": true}))
 }

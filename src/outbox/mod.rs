@@ -37,6 +37,16 @@ pub enum Lane {
     Callback = 2,
 }
 
+impl Lane {
+    /// The metric label and admin `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Email => "email",
+            Lane::Callback => "callback",
+        }
+    }
+}
+
 /// Where an entry stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -14,8 +14,9 @@ use super::transport::{Outcome, OutgoingMail, Transport};
 use super::{Lane, OutboxEntry, Payload, State};
 use crate::callbacks::{CallbackSender, Signer, give_up};
 use crate::clock::UnixTime;
+use crate::id::MessageId;
 use crate::mail::{Composed, parse_mailbox};
-use crate::store::DuePosition;
+use crate::store::{self, DuePosition, Tx};
 use crate::templates::MailContext;
 use crate::verification::service::{Error, Service};
 use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
@@ -181,7 +182,8 @@ pub async fn run(
     }
 }
 
-/// One pass: claims what is due and delivers it. Returns how many were claimed.
+/// One pass: claims what is due and delivers it. Returns how many due entries it handled
+/// (claimed, or taken out of the due index without a delivery).
 async fn pass(
     service: &Service,
     transport: &Deliverer,
@@ -210,53 +212,18 @@ async fn pass(
     }
     let resume = cursor.after;
     cursor.advance(&seen);
-    let ids: Vec<_> = seen.into_iter().map(|p| p.id).collect();
     let lease = cfg.lease;
-    let svc = service.clone();
     // Unsynced: a claim lost in a crash only makes the entry due again (see write_unsynced).
-    let claimed = service
+    let claim = service
         .store()
-        .write_unsynced(move |tx| -> Result<Vec<Claimed>, Error> {
-            let mut out = Vec::new();
-            for id in ids {
-                let Some(mut e) = tx.outbox(id)? else {
-                    continue;
-                };
-                if e.state != State::Scheduled || e.due_at > now {
-                    continue;
-                }
-                let v = tx.verification(e.verification)?;
-                if lane == Lane::Email {
-                    // Mail is only worth sending while the verification is open.
-                    let status = v.as_ref().map(|v| v.status_at(now));
-                    if status != Some(Status::Pending) {
-                        e.state = State::Dropped;
-                        e.last_error = Some(match status {
-                            Some(s) => format!("not sent: the verification is {}", s.as_str()),
-                            None => "not sent: the verification no longer exists".into(),
-                        });
-                        tx.put_outbox(&e)?;
-                        svc.metrics()
-                            .outbox_attempts
-                            .with_label_values(&["email", "dropped"])
-                            .inc();
-                        continue;
-                    }
-                }
-                e.attempts += 1;
-                e.due_at = now.plus(lease);
-                // Only the entry is written here; the verification learns the attempt count
-                // with the outcome (one record write per claim instead of two).
-                tx.put_outbox(&e)?;
-                out.push(Claimed {
-                    entry: e,
-                    verification: v,
-                });
-            }
-            Ok(out)
-        })
+        .write_unsynced(move |tx| claim(tx, lane, &seen, now, lease))
         .await;
-    let claimed = match claimed {
+    let Claim {
+        claimed,
+        dropped,
+        failed,
+        unreadable,
+    } = match claim {
         Ok(c) => c,
         Err(e) => {
             // Nothing was claimed: scan these entries again next time.
@@ -264,7 +231,37 @@ async fn pass(
             return Err(e);
         }
     };
-    let n = claimed.len();
+    // Counted and logged once the claim is committed.
+    let m = service.metrics();
+    m.outbox_attempts
+        .with_label_values(&[lane.as_str(), "dropped"])
+        .inc_by(u64::try_from(dropped).unwrap_or(u64::MAX));
+    for (id, why) in &unreadable {
+        tracing::error!(
+            entry = %id,
+            lane = lane.as_str(),
+            error = %why,
+            "outbox entry cannot be decoded: taken out of the due index and kept as it is; \
+             look at it and drop it with the admin API (verigate outbox show/drop)"
+        );
+        m.outbox_attempts
+            .with_label_values(&[lane.as_str(), "unreadable"])
+            .inc();
+    }
+    for (id, why) in &failed {
+        tracing::error!(
+            entry = %id,
+            lane = lane.as_str(),
+            error = %why,
+            "outbox entry failed: its verification cannot be decoded"
+        );
+        m.outbox_attempts
+            .with_label_values(&[lane.as_str(), "failed"])
+            .inc();
+    }
+    // Everything taken off the due index counts: a batch of only unreadable or dropped entries
+    // is followed by another pass at once, like a batch of deliveries.
+    let n = claimed.len() + dropped + failed.len() + unreadable.len();
     for c in claimed {
         // On shutdown, entries claimed but not started keep their lease and are claimed again
         // when it runs out (after a restart): stopping does not wait for the whole batch.
@@ -310,6 +307,93 @@ async fn pass(
         });
     }
     Ok(n)
+}
+
+/// What one claim did.
+#[derive(Default)]
+struct Claim {
+    /// Entries leased to this worker, in due order, with their verifications.
+    claimed: Vec<Claimed>,
+    /// Mail not sent because its verification closed first.
+    dropped: usize,
+    /// Entries failed because their verification cannot be decoded: (entry, why).
+    failed: Vec<(MessageId, String)>,
+    /// Entries that cannot be decoded, taken out of the due index: (entry, why).
+    unreadable: Vec<(MessageId, String)>,
+}
+
+/// Claims the entries of `lane` at the due-index positions `seen`: each one still scheduled and
+/// due gets a lease (`due_at` = `now` + `lease`, one more attempt).
+///
+/// A stored value that cannot be decoded fails only its own entry, never the batch: decoding
+/// the same bytes again fails again, so an error here would fail every later claim of the
+/// lane too and stop all of its deliveries. An entry that cannot be decoded loses its due-index
+/// key and nothing else: re-encoding it as failed would need the fields that cannot be read,
+/// and its bytes stay as they are for an operator to look at (the admin API shows it from
+/// what can be read, and drops it). An entry whose verification cannot be decoded is failed
+/// (it cannot be sent, nor its outcome recorded on the verification). Engine errors still
+/// fail the batch: they may pass, and the entries are claimed again next time.
+///
+/// # Errors
+/// An engine failure, or an entry that cannot be encoded (a bug).
+fn claim(
+    tx: &mut Tx<'_>,
+    lane: Lane,
+    seen: &[DuePosition],
+    now: UnixTime,
+    lease: Duration,
+) -> Result<Claim, Error> {
+    let mut out = Claim::default();
+    for p in seen {
+        let mut e = match tx.outbox_record(p.id)? {
+            None => continue,
+            Some(Ok(e)) => e,
+            Some(Err(u)) => {
+                tx.unindex_outbox(lane, p.at, p.id)?;
+                out.unreadable.push((p.id, u.error.to_string()));
+                continue;
+            }
+        };
+        if e.state != State::Scheduled || e.due_at > now {
+            continue;
+        }
+        let v = match tx.verification(e.verification) {
+            Ok(v) => v,
+            Err(store::Error::Decode(why)) => {
+                e.state = State::Failed;
+                e.last_error =
+                    Some("not sent: its verification cannot be read (see the server log)".into());
+                tx.put_outbox(&e)?;
+                out.failed.push((e.id, why.to_string()));
+                continue;
+            }
+            Err(other) => return Err(other.into()),
+        };
+        if lane == Lane::Email {
+            // Mail is only worth sending while the verification is open.
+            let status = v.as_ref().map(|v| v.status_at(now));
+            if status != Some(Status::Pending) {
+                e.state = State::Dropped;
+                e.last_error = Some(match status {
+                    Some(s) => format!("not sent: the verification is {}", s.as_str()),
+                    None => "not sent: the verification no longer exists".into(),
+                });
+                tx.put_outbox(&e)?;
+                out.dropped += 1;
+                continue;
+            }
+        }
+        e.attempts += 1;
+        e.due_at = now.plus(lease);
+        // Only the entry is written here; the verification learns the attempt count with the
+        // outcome (one record write per claim instead of two).
+        tx.put_outbox(&e)?;
+        out.claimed.push(Claimed {
+            entry: e,
+            verification: v,
+        });
+    }
+    Ok(out)
 }
 
 /// Renders the mail for a claimed entry. A failure here is permanent (the code's key was
@@ -620,7 +704,9 @@ fn count_attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::MessageId;
+    use crate::config::StoreConfig;
+    use crate::outbox::CallbackJob;
+    use crate::store::{Store, codec};
 
     fn pos(at: u64, b: u8) -> DuePosition {
         DuePosition {
@@ -665,5 +751,185 @@ mod tests {
         assert!(c.start(None).is_some());
         tokio::time::advance(FULL_SCAN_EVERY).await;
         assert_eq!(c.start(None), None);
+    }
+
+    /// A callback entry of verification `v`, due at `due`; `body` is what it would POST.
+    fn callback(
+        i: u8,
+        v: crate::id::VerificationId,
+        due: u64,
+        body: serde_json::Value,
+    ) -> OutboxEntry {
+        let id = MessageId::from_bytes([i; 16]);
+        let mut e = OutboxEntry::new(
+            id,
+            v,
+            "shop",
+            UnixTime(due),
+            Payload::Callback(CallbackJob {
+                event: "verification.verified".into(),
+                webhook_id: id.to_string(),
+                body,
+            }),
+        );
+        e.due_at = UnixTime(due);
+        e
+    }
+
+    /// Callback metadata nested 126 deep, as a create accepted before the depth limit: the
+    /// entry encodes, and its body can never be parsed back.
+    fn too_deep() -> serde_json::Value {
+        let mut m = serde_json::json!(1);
+        for _ in 0..125 {
+            m = serde_json::json!([m]);
+        }
+        serde_json::json!({"type": "verification.verified", "data": {"metadata": {"a": m}}})
+    }
+
+    #[tokio::test]
+    async fn entries_that_cannot_be_decoded_leave_the_due_index_and_the_rest_of_the_batch_is_claimed()
+     {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &StoreConfig::default()).expect("open");
+        let v = codec::sample_verification(false);
+        let vid = v.id;
+        let broken_v = crate::id::VerificationId::from_bytes([0xbb; 16]);
+        let body = serde_json::json!({"type": "verification.verified"});
+        let good = [
+            callback(1, vid, 10, body.clone()),
+            callback(2, vid, 40, body.clone()),
+        ];
+        // Due first, ahead of the good ones: the poison sits at the front of the lane.
+        let deep = callback(3, vid, 5, too_deep());
+        let deep_bytes = codec::encode(&deep).expect("encodes");
+        let garbage = MessageId::from_bytes([4; 16]);
+        let orphan = callback(5, broken_v, 20, body.clone());
+        let written = good.clone();
+        store
+            .write(move |tx| -> Result<(), Error> {
+                tx.insert_verification(&v)?;
+                tx.put_raw_verification(broken_v, b"\x02not a verification".to_vec());
+                for e in written.iter().chain([&orphan]) {
+                    tx.insert_outbox(e)?;
+                }
+                tx.put_raw_outbox(Lane::Callback, UnixTime(5), deep.id, deep_bytes);
+                tx.put_raw_outbox(Lane::Callback, UnixTime(30), garbage, b"\x02\x01".to_vec());
+                Ok(())
+            })
+            .await
+            .expect("write");
+        let now = UnixTime(100);
+        let lease = Duration::from_secs(60);
+        let seen = store
+            .read(move |r| r.due(Lane::Callback, None, now, CLAIM_BATCH))
+            .await
+            .expect("scan");
+        assert_eq!(seen.len(), 5);
+
+        let c = store
+            .write_unsynced(move |tx| claim(tx, Lane::Callback, &seen, now, lease))
+            .await
+            .expect("one entry that cannot be decoded does not fail the claim");
+
+        let claimed: Vec<_> = c.claimed.iter().map(|c| c.entry.id).collect();
+        assert_eq!(claimed, [good[0].id, good[1].id]);
+        assert!(c.claimed.iter().all(|c| c.entry.attempts == 1
+            && c.entry.due_at == now.plus(lease)
+            && c.verification.as_ref().map(|v| v.id) == Some(vid)));
+        let unreadable: Vec<_> = c.unreadable.iter().map(|(id, _)| *id).collect();
+        assert_eq!(unreadable, [MessageId::from_bytes([3; 16]), garbage]);
+        assert!(
+            c.unreadable[0].1.contains("recursion limit"),
+            "{:?}",
+            c.unreadable
+        );
+        let failed: Vec<_> = c.failed.iter().map(|(id, _)| *id).collect();
+        assert_eq!(failed, [MessageId::from_bytes([5; 16])]);
+
+        let r = store.reader();
+        // Nothing is due any more but the two leases; a later pass does not meet the poison.
+        let due = r
+            .due(Lane::Callback, None, UnixTime(u64::MAX), CLAIM_BATCH)
+            .expect("scan");
+        let due: Vec<_> = due.iter().map(|p| (p.id, p.at)).collect();
+        assert_eq!(
+            due,
+            [(good[0].id, now.plus(lease)), (good[1].id, now.plus(lease))]
+        );
+        assert_eq!(r.scheduled_count(Lane::Callback).expect("count"), 2);
+        // The kept count (for /metrics) agrees with the index, once the count at open is in.
+        let mut kept = None;
+        for _ in 0..500 {
+            kept = store.scheduled(Lane::Callback);
+            if kept.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(kept, Some(2));
+        // The entries that cannot be decoded are kept, as they were, for an operator.
+        match r
+            .outbox_record(MessageId::from_bytes([3; 16]))
+            .expect("read")
+        {
+            Some(Err(u)) => {
+                let head = u.head.expect("its head reads");
+                assert_eq!(
+                    (head.app.as_str(), head.lane, head.due_at),
+                    ("shop", Lane::Callback, UnixTime(5))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            r.outbox_record(garbage).expect("read"),
+            Some(Err(crate::store::Unreadable { head: None, .. }))
+        ));
+        let orphan = r
+            .outbox(MessageId::from_bytes([5; 16]))
+            .expect("read")
+            .expect("kept");
+        assert_eq!(orphan.state, State::Failed);
+        assert!(
+            orphan
+                .last_error
+                .is_some_and(|e| e.contains("verification"))
+        );
+
+        // The page lists every record, readable or not, in id order.
+        let page = r.outbox_page(None, 10).expect("page");
+        let ids: Vec<_> = page
+            .iter()
+            .map(|rec| rec.as_ref().map(|e| e.id).map_err(|u| u.id))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                Ok(good[0].id),
+                Ok(good[1].id),
+                Err(MessageId::from_bytes([3; 16])),
+                Err(garbage),
+                Ok(MessageId::from_bytes([5; 16])),
+            ]
+        );
+
+        // Dropping one removes its record (its due key is already gone).
+        let deep = match r
+            .outbox_record(MessageId::from_bytes([3; 16]))
+            .expect("read")
+        {
+            Some(Err(u)) => u,
+            other => panic!("{other:?}"),
+        };
+        store
+            .write(move |tx| -> Result<(), Error> { Ok(tx.delete_unreadable_outbox(&deep)?) })
+            .await
+            .expect("drop");
+        assert!(
+            r.outbox_record(MessageId::from_bytes([3; 16]))
+                .expect("read")
+                .is_none()
+        );
+        assert_eq!(r.scheduled_count(Lane::Callback).expect("count"), 2);
     }
 }

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::clock::UnixTime;
 use crate::id::{MessageId, VerificationId};
-use crate::outbox::{CallbackJob, EmailJob, OutboxEntry, Payload, State};
+use crate::outbox::{CallbackJob, EmailJob, Lane, OutboxEntry, Payload, State};
 use crate::verification::{
     CallbackState, CodeState, Delivery, DeliveryStatus, Method, Prefetch, Status, Verification,
 };
@@ -492,17 +492,9 @@ impl Record for OutboxEntry {
     }
 
     fn get(d: &mut Dec<'_>) -> Result<Self, DecodeError> {
-        let id = MessageId::from_bytes(d.id()?);
-        let verification = VerificationId::from_bytes(d.id()?);
-        let app = d.str()?;
-        let state = d.tag(&STATES)?;
-        let created_at = d.time()?;
-        let due_at = d.time()?;
-        let attempts = d.u32()?;
-        let last_error = d.opt_str()?;
-        let delivered_at = d.opt_time()?;
-        let payload = match d.u8()? {
-            0 => {
+        let (head, last_error, delivered_at) = get_outbox_head(d)?;
+        let payload = match head.lane {
+            Lane::Email => {
                 let message_id = d.str()?;
                 let from = d.str()?;
                 let to = d.str()?;
@@ -514,21 +506,20 @@ impl Record for OutboxEntry {
                     envelope_to,
                 })
             }
-            1 => Payload::Callback(CallbackJob {
+            Lane::Callback => Payload::Callback(CallbackJob {
                 event: d.str()?,
                 webhook_id: d.str()?,
                 body: d.json()?,
             }),
-            _ => return Err(DecodeError::Binary("unknown tag")),
         };
         Ok(OutboxEntry {
-            id,
-            verification,
-            app,
-            state,
-            created_at,
-            due_at,
-            attempts,
+            id: head.id,
+            verification: head.verification,
+            app: head.app,
+            state: head.state,
+            created_at: head.created_at,
+            due_at: head.due_at,
+            attempts: head.attempts,
             last_error,
             delivered_at,
             payload,
@@ -536,7 +527,123 @@ impl Record for OutboxEntry {
     }
 }
 
+/// Reads the binary form of an outbox entry up to its payload's fields: the head, and the two
+/// fields between it and the payload's tag (`last_error`, `delivered_at`).
+fn get_outbox_head(
+    d: &mut Dec<'_>,
+) -> Result<(OutboxHead, Option<String>, Option<UnixTime>), DecodeError> {
+    let id = MessageId::from_bytes(d.id()?);
+    let verification = VerificationId::from_bytes(d.id()?);
+    let app = d.str()?;
+    let state = d.tag(&STATES)?;
+    let created_at = d.time()?;
+    let due_at = d.time()?;
+    let attempts = d.u32()?;
+    let last_error = d.opt_str()?;
+    let delivered_at = d.opt_time()?;
+    let lane = match d.u8()? {
+        0 => Lane::Email,
+        1 => Lane::Callback,
+        _ => return Err(DecodeError::Binary("unknown tag")),
+    };
+    let head = OutboxHead {
+        id,
+        verification,
+        app,
+        state,
+        created_at,
+        due_at,
+        attempts,
+        lane,
+    };
+    Ok((head, last_error, delivered_at))
+}
+
 impl Record for super::IdempotencyRecord {}
+
+/// What can be read of an outbox entry whose whole record cannot be (a payload that no longer
+/// parses): the fields before the payload, which say whose it is and where its due-index key
+/// is. Lets the worker and the admin API deal with such an entry without its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxHead {
+    /// Its id.
+    pub id: MessageId,
+    /// The verification it belongs to.
+    pub verification: VerificationId,
+    /// The app that owns it.
+    pub app: String,
+    /// Its stored state.
+    pub state: State,
+    /// Created.
+    pub created_at: UnixTime,
+    /// Its due time (the due-index key's, while scheduled).
+    pub due_at: UnixTime,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Its queue (from the payload's kind, which precedes the payload's fields).
+    pub lane: Lane,
+}
+
+impl OutboxHead {
+    /// Whether the due index holds a key for it (as [`OutboxEntry::is_due_indexed`]).
+    pub fn is_due_indexed(&self) -> bool {
+        self.state == State::Scheduled
+    }
+}
+
+/// The head of an outbox entry in the JSON form (version 1): serde skips the fields it does not
+/// name (the payload's body among them) without building them.
+#[derive(serde::Deserialize)]
+struct JsonHead {
+    id: MessageId,
+    verification: VerificationId,
+    app: String,
+    state: State,
+    created_at: UnixTime,
+    due_at: UnixTime,
+    attempts: u32,
+    payload: JsonKind,
+}
+
+#[derive(serde::Deserialize)]
+struct JsonKind {
+    kind: JsonLane,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum JsonLane {
+    Email,
+    Callback,
+}
+
+/// Reads the [`OutboxHead`] of a stored outbox entry, whether or not its payload reads.
+///
+/// # Errors
+/// The head itself cannot be read (an unknown version, a truncated or corrupt record).
+pub fn decode_outbox_head(bytes: &[u8]) -> Result<OutboxHead, DecodeError> {
+    match bytes.split_first() {
+        Some((&JSON, body)) => {
+            let h: JsonHead = serde_json::from_slice(body).map_err(DecodeError::Body)?;
+            Ok(OutboxHead {
+                id: h.id,
+                verification: h.verification,
+                app: h.app,
+                state: h.state,
+                created_at: h.created_at,
+                due_at: h.due_at,
+                attempts: h.attempts,
+                lane: match h.payload.kind {
+                    JsonLane::Email => Lane::Email,
+                    JsonLane::Callback => Lane::Callback,
+                },
+            })
+        }
+        Some((&BINARY, body)) => get_outbox_head(&mut Dec(body)).map(|(head, ..)| head),
+        Some((&v, _)) => Err(DecodeError::Version(v)),
+        None => Err(DecodeError::Empty),
+    }
+}
 
 /// A verification for tests: `full` sets every optional field and non-ASCII addresses.
 #[cfg(test)]
@@ -809,5 +916,64 @@ mod tests {
             Err(DecodeError::Binary(_))
         ));
         assert!(matches!(decode::<Plain>(&[]), Err(DecodeError::Empty)));
+    }
+
+    /// A JSON value `depth` arrays deep: serializing has no depth limit, parsing stops at 128.
+    fn deep(depth: usize) -> serde_json::Value {
+        let mut v = serde_json::json!(1);
+        for _ in 0..depth {
+            v = serde_json::json!([v]);
+        }
+        v
+    }
+
+    fn head_of(e: &OutboxEntry) -> OutboxHead {
+        OutboxHead {
+            id: e.id,
+            verification: e.verification,
+            app: e.app.clone(),
+            state: e.state,
+            created_at: e.created_at,
+            due_at: e.due_at,
+            attempts: e.attempts,
+            lane: e.lane(),
+        }
+    }
+
+    #[test]
+    fn the_head_of_an_entry_reads_in_both_forms() {
+        for e in entries() {
+            for b in [encode(&e).expect("encode"), json_v1(&e)] {
+                assert_eq!(decode_outbox_head(&b).expect("head"), head_of(&e));
+            }
+        }
+    }
+
+    #[test]
+    fn an_entry_whose_body_is_too_deep_to_parse_still_shows_its_head() {
+        let mut e = entries().remove(2);
+        e.state = State::Scheduled;
+        e.payload = Payload::Callback(CallbackJob {
+            event: "verification.verified".into(),
+            webhook_id: "msg_x".into(),
+            body: serde_json::json!({"type": "t", "data": {"metadata": {"a": deep(126)}}}),
+        });
+        for b in [encode(&e).expect("encode"), json_v1(&e)] {
+            let whole = decode::<OutboxEntry>(&b);
+            assert!(
+                matches!(&whole, Err(DecodeError::Body(err)) if err.to_string().contains("recursion limit")),
+                "{whole:?}"
+            );
+            assert_eq!(decode_outbox_head(&b).expect("head"), head_of(&e));
+        }
+        // A head cut short, or of an unknown version, is an error, not a guess.
+        let b = encode(&e).expect("encode");
+        for n in 0..40 {
+            assert!(decode_outbox_head(&b[..n]).is_err(), "{n} bytes");
+        }
+        assert!(matches!(
+            decode_outbox_head(&[9, 1, 2]),
+            Err(DecodeError::Version(9))
+        ));
     }
 }

@@ -77,6 +77,11 @@ pub fn outbox(id: MessageId) -> Vec<u8> {
     id.as_bytes().to_vec()
 }
 
+/// Reads an `outbox` key back into its id.
+pub fn parse_outbox(k: &[u8]) -> Option<MessageId> {
+    <[u8; 16]>::try_from(k).ok().map(MessageId::from_bytes)
+}
+
 /// `outbox_due`: lane u8 ‖ be_u64 due_at ‖ message id.
 pub fn outbox_due(lane: u8, at: UnixTime, id: MessageId) -> Vec<u8> {
     let mut k = Vec::with_capacity(25);
@@ -113,6 +118,8 @@ mod tests {
         let d = outbox_due(1, UnixTime(77), m);
         assert_eq!(parse_outbox_due(&d), Some((1, UnixTime(77), m)));
         assert_eq!(parse_outbox_due(&d[..10]), None);
+        assert_eq!(parse_outbox(&outbox(m)), Some(m));
+        assert_eq!(parse_outbox(&d), None);
     }
 
     #[test]

@@ -110,6 +110,31 @@ pub struct IdempotencyRecord {
     pub created_at: UnixTime,
 }
 
+/// A stored outbox entry that cannot be decoded (a payload written by a bug, or damaged): what
+/// can be read of it. The worker takes it out of the due index and keeps its bytes; the admin
+/// API shows and drops it through its head.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// Its id (from its key).
+    pub id: MessageId,
+    /// Its fields before the payload; `None` when even those cannot be read, and then nothing
+    /// says which app owns it.
+    pub head: Option<codec::OutboxHead>,
+    /// Why it cannot be decoded.
+    pub error: codec::DecodeError,
+}
+
+/// An outbox record as stored: the entry, or what can be read of one that cannot be decoded.
+pub type OutboxRecord = std::result::Result<OutboxEntry, Unreadable>;
+
+fn outbox_record(id: MessageId, bytes: &[u8]) -> OutboxRecord {
+    codec::decode(bytes).map_err(|error| Unreadable {
+        id,
+        head: codec::decode_outbox_head(bytes).ok(),
+        error,
+    })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Ks {
     Verifications,
@@ -963,6 +988,71 @@ impl Tx<'_> {
         self.del_raw(Ks::Outbox, keys::outbox(id));
         Ok(true)
     }
+
+    /// An outbox entry, or what can be read of it when it cannot be decoded.
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn outbox_record(&self, id: MessageId) -> Result<Option<OutboxRecord>> {
+        Ok(self
+            .get_raw(Ks::Outbox, &keys::outbox(id))?
+            .map(|b| outbox_record(id, &b)))
+    }
+
+    /// Removes the due-index key of `lane` at `at` for entry `id` without reading the entry: for
+    /// one that cannot be decoded, so it is not claimed again. Its record stays as it is, for an
+    /// operator. Returns whether the key was there.
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn unindex_outbox(&mut self, lane: Lane, at: UnixTime, id: MessageId) -> Result<bool> {
+        let key = keys::outbox_due(lane as u8, at, id);
+        if self.get_raw(Ks::OutboxDue, &key)?.is_none() {
+            return Ok(false);
+        }
+        self.del_raw(Ks::OutboxDue, key);
+        self.count_due(lane, -1);
+        Ok(true)
+    }
+
+    /// Test only: stores `bytes` as outbox entry `id`'s record, due in `lane` at `at`, without
+    /// encoding anything (an entry that cannot be decoded, as a bug or damage leaves one).
+    #[cfg(test)]
+    pub(crate) fn put_raw_outbox(
+        &mut self,
+        lane: Lane,
+        at: UnixTime,
+        id: MessageId,
+        bytes: Vec<u8>,
+    ) {
+        self.put_raw(
+            Ks::OutboxDue,
+            keys::outbox_due(lane as u8, at, id),
+            Vec::new(),
+        );
+        self.due.push((lane as u8, at));
+        self.count_due(lane, 1);
+        self.put_raw(Ks::Outbox, keys::outbox(id), bytes);
+    }
+
+    /// Test only: stores `bytes` as verification `id`'s record, without encoding anything.
+    #[cfg(test)]
+    pub(crate) fn put_raw_verification(&mut self, id: VerificationId, bytes: Vec<u8>) {
+        self.put_raw(Ks::Verifications, keys::verification(id), bytes);
+    }
+
+    /// Deletes an outbox entry that cannot be decoded, and its due-index key if it still has
+    /// one (where its head, when it reads, says the key is).
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn delete_unreadable_outbox(&mut self, u: &Unreadable) -> Result<()> {
+        if let Some(head) = u.head.as_ref().filter(|h| h.is_due_indexed()) {
+            self.unindex_outbox(head.lane, head.due_at, u.id)?;
+        }
+        self.del_raw(Ks::Outbox, keys::outbox(u.id));
+        Ok(())
+    }
 }
 
 /// Reads of committed data (blocking; call through [`Store::read`]).
@@ -1107,11 +1197,25 @@ impl Reader {
             .transpose()
     }
 
-    /// Outbox entries after `after` (exclusive), in id order, at most `limit`.
+    /// An outbox entry, or what can be read of it when it cannot be decoded.
     ///
     /// # Errors
-    /// Engine or decode failure.
-    pub fn outbox_page(&self, after: Option<MessageId>, limit: usize) -> Result<Vec<OutboxEntry>> {
+    /// Engine failure.
+    pub fn outbox_record(&self, id: MessageId) -> Result<Option<OutboxRecord>> {
+        Ok(self
+            .ks
+            .outbox
+            .get(keys::outbox(id))?
+            .map(|b| outbox_record(id, &b)))
+    }
+
+    /// Outbox records after `after` (exclusive), in id order, at most `limit`: an entry that
+    /// cannot be decoded is in the page as [`Unreadable`], so one such entry does not hide the
+    /// others.
+    ///
+    /// # Errors
+    /// Engine failure.
+    pub fn outbox_page(&self, after: Option<MessageId>, limit: usize) -> Result<Vec<OutboxRecord>> {
         let mut out = Vec::new();
         let iter = match after {
             Some(a) => {
@@ -1122,8 +1226,13 @@ impl Reader {
             None => self.ks.outbox.iter(),
         };
         for g in iter {
-            let (_, v) = g.into_inner()?;
-            out.push(codec::decode(&v)?);
+            let (k, v) = g.into_inner()?;
+            // Every key is written by `keys::outbox`; one that is not an id is no entry.
+            let Some(id) = keys::parse_outbox(&k) else {
+                tracing::warn!(key = ?k, "outbox key that is not an entry id skipped");
+                continue;
+            };
+            out.push(outbox_record(id, &v));
             if out.len() >= limit {
                 break;
             }
@@ -1375,6 +1484,70 @@ mod tests {
         drop(store);
         let again = Store::open(dir.path(), &StoreConfig::default()).expect("reopen");
         assert_eq!(wait_counted(&again).await, 8);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_entry_is_dropped_with_its_due_key_and_counted_once() {
+        let (_dir, store) = open();
+        wait_counted(&store).await;
+        // A head that reads, then a body that does not.
+        let mut bytes = codec::encode(&mail(7, 50)).expect("encode");
+        bytes.truncate(bytes.len() - 3);
+        let good = mail(8, 60);
+        let written = good.clone();
+        store
+            .write(move |tx| -> Result<(), Error> {
+                tx.put_raw_outbox(
+                    Lane::Email,
+                    UnixTime(50),
+                    MessageId::from_bytes([7; 16]),
+                    bytes,
+                );
+                tx.put_outbox(&written)
+            })
+            .await
+            .expect("write");
+        assert_eq!(store.scheduled(Lane::Email), Some(2));
+        let r = store.reader();
+        let u = match r
+            .outbox_record(MessageId::from_bytes([7; 16]))
+            .expect("read")
+        {
+            Some(Err(u)) => u,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(u.error, codec::DecodeError::Binary("truncated")),
+            "{u:?}"
+        );
+        assert_eq!(
+            u.head.as_ref().map(|h| (h.due_at, h.lane)),
+            Some((UnixTime(50), Lane::Email))
+        );
+        // The plain read still refuses it; the page carries it next to the good one.
+        assert!(matches!(r.outbox(u.id), Err(Error::Decode(_))));
+        let page = r.outbox_page(None, 10).expect("page");
+        assert!(
+            matches!(page.as_slice(), [Err(_), Ok(e)] if *e == good),
+            "{page:?}"
+        );
+        let gone = store
+            .write(move |tx| -> Result<bool, Error> {
+                tx.delete_unreadable_outbox(&u)?;
+                // Its key is gone already: a second unindex finds nothing and counts nothing.
+                tx.unindex_outbox(Lane::Email, UnixTime(50), MessageId::from_bytes([7; 16]))
+            })
+            .await
+            .expect("drop");
+        assert!(!gone);
+        assert_eq!(store.scheduled(Lane::Email), Some(1));
+        let due = r.due(Lane::Email, None, UnixTime(1_000), 10).expect("due");
+        assert_eq!(due.iter().map(|p| p.id).collect::<Vec<_>>(), [good.id]);
+        assert!(
+            r.outbox_record(MessageId::from_bytes([7; 16]))
+                .expect("read")
+                .is_none()
+        );
     }
 
     #[tokio::test]

@@ -30,6 +30,13 @@ use crate::templates::{self, Templates};
 const MAX_SUBJECT_BYTES: usize = 256;
 /// Largest `metadata`, bytes of JSON.
 const MAX_METADATA_BYTES: usize = 4096;
+/// Deepest `metadata`: arrays and objects nested in one another, the metadata object itself
+/// counting as 1 (see [`json_depth`]). Callbacks carry the metadata two levels down
+/// (`{"data": {"metadata": …}}`), and the outbox stores that body as JSON that serde_json
+/// reads back with its limit of 128 levels: without this limit, metadata nested about 126 deep
+/// passed the request's own parse but made a callback entry that could never be read. 32 is
+/// far beyond what echoing an app's own identifiers needs and far below that limit.
+pub const MAX_METADATA_DEPTH: usize = 32;
 /// Largest purpose label, characters.
 const MAX_PURPOSE_LEN: usize = 32;
 /// Largest `Idempotency-Key`, bytes.
@@ -115,6 +122,9 @@ pub enum Error {
         /// Seconds until the same request could pass that limit.
         retry_after_secs: u64,
     },
+    /// An outbox entry cannot be decoded, so the operation cannot act on it (admin retry).
+    #[error("this outbox entry cannot be decoded")]
+    UnreadableEntry,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -275,6 +285,24 @@ fn field(field: &'static str, message: impl Into<String>) -> Error {
         field,
         message: message.into(),
     }
+}
+
+/// How deeply arrays and objects nest in `v`: 0 for a scalar, 1 for `{}`, `[]` or `{"a": 1}`,
+/// 2 for `{"a": [1]}`. The same count serde_json's recursion limit applies to. Iterative, so a
+/// value of any depth is measured without deep recursion.
+pub fn json_depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, above)) = stack.pop() {
+        let depth = above + 1;
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|c| (c, depth))),
+            Value::Object(o) => stack.extend(o.values().map(|c| (c, depth))),
+            _ => continue,
+        }
+        deepest = deepest.max(depth);
+    }
+    deepest
 }
 
 fn check_purpose(p: &str) -> Result<()> {
@@ -477,6 +505,14 @@ impl Service {
                 return Err(field(
                     "metadata",
                     format!("metadata must be at most {MAX_METADATA_BYTES} bytes of JSON"),
+                ));
+            }
+            if json_depth(m) > MAX_METADATA_DEPTH {
+                return Err(field(
+                    "metadata",
+                    format!(
+                        "metadata must be nested at most {MAX_METADATA_DEPTH} levels deep (objects and arrays)"
+                    ),
                 ));
             }
         }
@@ -1327,5 +1363,58 @@ impl Service {
         }
         tx.put_verification(v)?;
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::{MAX_METADATA_DEPTH, json_depth};
+
+    /// `{"a": [[…[1]…]]}` with `depth` levels of objects and arrays in all.
+    fn nested(depth: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 1..depth {
+            v = json!([v]);
+        }
+        json!({ "a": v })
+    }
+
+    #[test]
+    fn json_depth_counts_nested_arrays_and_objects() {
+        let cases = [
+            (json!(null), 0),
+            (json!("text"), 0),
+            (json!({}), 1),
+            (json!([]), 1),
+            (json!({"a": 1, "b": "x"}), 1),
+            (json!({"a": [1]}), 2),
+            (json!({"a": {"b": {}}}), 3),
+            // The deepest branch counts, wherever it is.
+            (json!({"a": 1, "b": [[{"c": []}]], "c": {"d": 1}}), 5),
+            (json!([[], [[[]]], []]), 4),
+        ];
+        for (v, depth) in cases {
+            assert_eq!(json_depth(&v), depth, "{v}");
+        }
+        for d in [1, 2, 31, 32, 33, 126, 1000] {
+            assert_eq!(json_depth(&nested(d)), d);
+        }
+    }
+
+    /// The limit leaves room for the two levels a callback adds and for serde_json's 128.
+    #[test]
+    fn metadata_at_the_limit_still_reads_back_inside_a_callback_body() {
+        let body = json!({"type": "t", "data": {"metadata": nested(MAX_METADATA_DEPTH)}});
+        assert_eq!(json_depth(&body), MAX_METADATA_DEPTH + 2);
+        let back: Result<Value, _> = serde_json::from_str(&body.to_string());
+        assert_eq!(back.ok(), Some(body));
+        // What the limit prevents: accepted by the request's parse, unreadable as a callback.
+        let deep = nested(126);
+        let request = json!({"email": "a@example.com", "metadata": deep});
+        assert!(serde_json::from_str::<Value>(&request.to_string()).is_ok());
+        let body = json!({"type": "t", "data": {"metadata": deep}});
+        assert!(serde_json::from_str::<Value>(&body.to_string()).is_err());
     }
 }

@@ -36,6 +36,8 @@ async fn malformed_requests_get_stable_error_codes() {
         ("negative ttl", json_h.to_vec(), json!({"email": "a@example.com", "ttl_seconds": -5}).to_string(), 400, "invalid_request", Some("ttl_seconds")),
         ("bad purpose", json_h.to_vec(), json!({"email": "a@example.com", "purpose": "Sign Up"}).to_string(), 400, "invalid_request", Some("purpose")),
         ("metadata not object", json_h.to_vec(), json!({"email": "a@example.com", "metadata": [1]}).to_string(), 400, "invalid_request", Some("metadata")),
+        // 33 levels: the metadata object and 32 arrays.
+        ("deep metadata", json_h.to_vec(), format!(r#"{{"email": "a@example.com", "metadata": {{"a": {}1{}}}}}"#, "[".repeat(32), "]".repeat(32)), 400, "invalid_request", Some("metadata")),
         ("big metadata", json_h.to_vec(), json!({"email": "a@example.com", "metadata": {"x": "y".repeat(5000)}}).to_string(), 400, "invalid_request", Some("metadata")),
         ("bad client ip", json_h.to_vec(), json!({"email": "a@example.com", "client_ip": "300.1.1.1"}).to_string(), 400, "invalid_request", Some("client_ip")),
         ("bad email", json_h.to_vec(), json!({"email": "not-an-address"}).to_string(), 400, "invalid_email", Some("email")),

@@ -6,7 +6,13 @@ use std::time::Duration;
 use hyper::Method;
 use serde_json::{Value, json};
 
-use crate::support::app::{PUBLIC_BASE, TestApp, WEBHOOK_SECRET, spawn_app_with};
+use verigate::clock::UnixTime;
+use verigate::id::{MessageId, VerificationId};
+use verigate::outbox::Lane;
+
+use crate::support::app::{
+    KEY, OTHER_KEY, PUBLIC_BASE, SIGNING_K1, TestApp, WEBHOOK_SECRET, spawn_app_with, start,
+};
 use crate::support::mail::wait_for;
 use crate::support::webhook_sink::{Received, RunningSink, WebhookSink};
 
@@ -198,5 +204,246 @@ async fn expiry_and_locking_are_called_back() {
     assert!(
         events.contains(&("verification.expired".to_string(), expired)),
         "{events:?}"
+    );
+}
+
+/// `{"a": [[…[1]…]]}`: `depth` levels of objects and arrays in all.
+fn nested_metadata(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 1..depth {
+        v = json!([v]);
+    }
+    json!({ "a": v })
+}
+
+#[tokio::test]
+async fn metadata_nested_past_the_limit_is_refused_and_at_the_limit_it_comes_back_in_the_callback()
+{
+    use verigate::verification::service::MAX_METADATA_DEPTH;
+    let sink = WebhookSink::new(WEBHOOK_SECRET).start().await;
+    let app = spawn_app_with(&config(&sink, "")).await;
+    // One past the limit, and the reviewer's case: 126 levels in 285 bytes, under 4 KiB and
+    // under the request parser's own limit, yet too deep for the callback to be read back.
+    for depth in [MAX_METADATA_DEPTH + 1, 126] {
+        let r = app
+            .create(json!({"email": "deep@example.com", "method": "code", "metadata": nested_metadata(depth)}))
+            .await;
+        assert_eq!(r.status, 400, "depth {depth}: {}", r.text());
+        assert_eq!(r.error_code(), "invalid_request", "depth {depth}");
+        assert_eq!(r.json()["error"]["field"], "metadata", "depth {depth}");
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.contains(&MAX_METADATA_DEPTH.to_string()),
+            "{message}"
+        );
+    }
+    assert!(crate::support::mail::read_all(&app.mail_dir()).is_empty());
+
+    let at_limit = nested_metadata(MAX_METADATA_DEPTH);
+    let r = app
+        .create(json!({"email": "deep@example.com", "method": "code", "metadata": at_limit}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    assert_eq!(app.get(&id).await.json()["metadata"], at_limit);
+    let code = wait_for(&app.mail_dir(), 1).await[0].code().expect("code");
+    assert_eq!(app.check(json!({"id": id, "code": code})).await.status, 200);
+    let got = wait_callbacks(&sink, 1).await;
+    assert!(got[0].verified);
+    assert_eq!(body(&got[0])["data"]["metadata"], at_limit);
+}
+
+/// Writes outbox records straight into the stopped daemon's store, each due in the callback
+/// lane at `due_at`: what a bug or damage leaves behind.
+fn write_raw_callback_entries(
+    data_dir: &std::path::Path,
+    entries: &[(MessageId, Vec<u8>)],
+    due_at: UnixTime,
+) {
+    use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+    use verigate::store::keys;
+    let db = Database::builder(data_dir.join("db"))
+        .open()
+        .expect("the store opens");
+    let outbox = db
+        .keyspace("outbox", KeyspaceCreateOptions::default)
+        .expect("outbox keyspace");
+    let due = db
+        .keyspace("outbox_due", KeyspaceCreateOptions::default)
+        .expect("outbox_due keyspace");
+    for (id, bytes) in entries {
+        outbox
+            .insert(keys::outbox(*id), bytes.clone())
+            .expect("insert");
+        due.insert(
+            keys::outbox_due(Lane::Callback as u8, due_at, *id),
+            Vec::<u8>::new(),
+        )
+        .expect("insert");
+    }
+    db.persist(PersistMode::SyncAll).expect("persist");
+}
+
+async fn metric(app: &TestApp, series: &str) -> Option<String> {
+    let r = app
+        .client
+        .send(Method::GET, &format!("{}/metrics", app.api), &[], "")
+        .await;
+    r.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().to_string()))
+}
+
+/// An outbox entry that cannot be decoded (here: a callback whose metadata a create accepted
+/// 126 levels deep, before the depth limit) used to fail every claim of its lane: no app got
+/// a callback again, and the admin API answered 500 for the whole listing.
+#[tokio::test]
+async fn an_unreadable_callback_entry_does_not_stop_the_lane_and_its_app_can_drop_it() {
+    use verigate::clock::Clock;
+    use verigate::outbox::{CallbackJob, OutboxEntry, Payload};
+    let sink = WebhookSink::new(WEBHOOK_SECRET).start().await;
+    let mut app = spawn_app_with(&config(&sink, "")).await;
+    let (id, code) = code_verification(&app, "after-poison@example.com").await;
+    app.stop().await;
+
+    let now = app.clock.now();
+    let vid: VerificationId = id.parse().expect("verification id");
+    let poison = MessageId::generate(now);
+    let mut deep = json!(1);
+    for _ in 0..125 {
+        deep = json!([deep]);
+    }
+    let entry = OutboxEntry::new(
+        poison,
+        vid,
+        "shop",
+        now,
+        Payload::Callback(CallbackJob {
+            event: "verification.verified".into(),
+            webhook_id: poison.to_string(),
+            body: json!({"type": "verification.verified", "data": {"metadata": {"a": deep}}}),
+        }),
+    );
+    let bytes = verigate::store::codec::encode(&entry).expect("it encodes; it cannot be read back");
+    // A record of which not even the owner can be read.
+    let headless = MessageId::generate(now);
+    write_raw_callback_entries(
+        app.dir.path(),
+        &[(poison, bytes), (headless, vec![2, 1, 2, 3])],
+        now,
+    );
+    let app = start(
+        app.dir.clone(),
+        &[SIGNING_K1],
+        &config(&sink, ""),
+        app.clock.clone(),
+    )
+    .await;
+
+    // The verified callback is due behind them, and is delivered.
+    assert_eq!(app.check(json!({"id": id, "code": code})).await.status, 200);
+    let got = wait_callbacks(&sink, 1).await;
+    assert_eq!(body(&got[0])["data"]["id"], id.as_str());
+    assert_eq!(
+        metric(
+            &app,
+            "verigate_outbox_attempts_total{lane=\"callback\",outcome=\"unreadable\"}"
+        )
+        .await
+        .as_deref(),
+        Some("2")
+    );
+
+    // The owner's listing shows it from what can be read; nobody's shows the headless one.
+    let list = |key: &'static str| {
+        let app = &app;
+        async move {
+            let r = app
+                .api_call(Method::GET, "/admin/v1/outbox", key, None)
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["entries"].as_array().expect("entries").clone()
+        }
+    };
+    let listed = list(KEY).await;
+    let shown: Vec<_> = listed
+        .iter()
+        .filter(|e| e["id"] != poison.to_string())
+        .map(|e| e["state"].clone())
+        .collect();
+    assert!(
+        !shown.is_empty() && shown.iter().all(|s| s != "unreadable"),
+        "{listed:?}"
+    );
+    let row = listed
+        .iter()
+        .find(|e| e["id"] == poison.to_string())
+        .expect("the unreadable entry is listed");
+    assert_eq!(
+        (
+            &row["state"],
+            &row["kind"],
+            &row["app"],
+            &row["verification_id"]
+        ),
+        (
+            &json!("unreadable"),
+            &json!("callback"),
+            &json!("shop"),
+            &json!(id)
+        )
+    );
+    assert!(!listed.iter().any(|e| e["id"] == headless.to_string()));
+    assert!(
+        !list(OTHER_KEY)
+            .await
+            .iter()
+            .any(|e| e["id"] == poison.to_string())
+    );
+    // Its state cannot be read: a listing of one state leaves it out.
+    let scheduled = app
+        .api_call(Method::GET, "/admin/v1/outbox?state=scheduled", KEY, None)
+        .await;
+    assert_eq!(scheduled.status, 200);
+    assert!(!scheduled.text().contains(&poison.to_string()));
+
+    let path = format!("/admin/v1/outbox/{poison}");
+    let r = app.api_call(Method::GET, &path, KEY, None).await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["state"].clone()),
+        (200, json!("unreadable"))
+    );
+    let r = app
+        .api_call(Method::POST, &format!("{path}/retry"), KEY, None)
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (409, "unreadable_entry")
+    );
+    // Another app's key neither sees nor drops it; its owner's key does.
+    for method in [Method::GET, Method::DELETE] {
+        let r = app.api_call(method, &path, OTHER_KEY, None).await;
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    let r = app.api_call(Method::DELETE, &path, KEY, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], true);
+    assert_eq!(
+        app.api_call(Method::GET, &path, KEY, None).await.status,
+        404
+    );
+    let headless = format!("/admin/v1/outbox/{headless}");
+    assert_eq!(
+        app.api_call(Method::DELETE, &headless, KEY, None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        app.api_call(Method::GET, &headless, KEY, None).await.status,
+        404
     );
 }

@@ -10,7 +10,7 @@
 
 use serde_json::{Value, json};
 
-use super::{OutboxEntry, State};
+use super::{OutboxEntry, Payload, State};
 use crate::clock::UnixTime;
 use crate::id::MessageId;
 use crate::store::codec::OutboxHead;
@@ -119,15 +119,17 @@ pub async fn show(service: &Service, app: &str, id: &str) -> Result<Value> {
     }
 }
 
-/// Schedules one of `app`'s entries for an attempt now, with a fresh attempt budget.
+/// Schedules one of `app`'s entries for an attempt now, with a fresh attempt budget. A mail
+/// whose verification is still pending is charged to the recipient's limits, as a resend is.
 ///
 /// # Errors
-/// [`Error::NotFound`], [`Error::UnreadableEntry`] for an entry that cannot be decoded, or a
-/// store failure.
+/// [`Error::NotFound`], [`Error::UnreadableEntry`] for an entry that cannot be decoded,
+/// [`Error::RateLimited`], or a store failure.
 pub async fn retry(service: &Service, app: &str, id: &str) -> Result<Value> {
     let id: MessageId = id.parse().map_err(|_| Error::NotFound)?;
     let now = service.now();
     let app = app.to_string();
+    let svc = service.clone();
     let e = service
         .store()
         .write(move |tx| -> Result<OutboxEntry> {
@@ -137,6 +139,12 @@ pub async fn retry(service: &Service, app: &str, id: &str) -> Result<Value> {
                 Some(Err(u)) if owned(&u, &app).is_some() => return Err(Error::UnreadableEntry),
                 _ => return Err(Error::NotFound),
             };
+            // Mail again is mail again: it costs the recipient's budget, as a resend does.
+            if matches!(e.payload, Payload::Email(_))
+                && let Some(v) = tx.verification(e.verification)?
+            {
+                svc.charge_resend(&v)?;
+            }
             e.state = State::Scheduled;
             e.due_at = now;
             e.attempts = 0;

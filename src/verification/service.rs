@@ -1069,19 +1069,29 @@ impl Service {
         Error::NotFound
     }
 
+    /// Charges the recipient's mail limits (`per_address`, `per_domain`) for sending `v`'s mail
+    /// again, when it is still pending (a closed verification gets no mail).
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`].
+    pub(crate) fn charge_resend(&self, v: &Verification) -> Result<()> {
+        if v.status_at(self.now()) == Status::Pending {
+            limited(
+                self.0
+                    .limiter
+                    .check_resend(&v.app, &v.email_key, &v.ascii_domain),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Queues the mail again (DESIGN §3.3): same code and link.
     ///
     /// # Errors
     /// Not found, expired, closed, or a store failure.
     pub async fn resend(&self, app: &App, id: &str) -> Result<Value> {
         let current = self.get(app, id).await?;
-        if current.status_at(self.now()) == Status::Pending {
-            limited(self.0.limiter.check_resend(
-                &app.id,
-                &current.email_key,
-                &current.ascii_domain,
-            ))?;
-        }
+        self.charge_resend(&current)?;
         let id = current.id;
         let now = self.now();
         let app_id = app.id.clone();

@@ -66,6 +66,33 @@ async fn a_second_create_for_one_address_within_a_minute_is_refused() {
 }
 
 #[tokio::test]
+async fn an_operator_retry_of_a_mail_counts_against_the_recipient_budget() {
+    let app = spawn_app().await;
+    let r = app.create(json!({"email": "retry-rl@example.com"})).await;
+    assert_eq!(r.status, 202);
+    let list = app
+        .api_call(Method::GET, "/admin/v1/outbox", KEY, None)
+        .await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    let msg = list.json()["entries"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let path = format!("/admin/v1/outbox/{msg}");
+    let before = app.api_call(Method::GET, &path, KEY, None).await.json();
+    let r = app
+        .api_call(Method::POST, &format!("{path}/retry"), KEY, None)
+        .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["limit"], "per_address");
+    assert!(r.header("retry-after").is_some());
+    // Refused means untouched: no fresh budget, no new schedule.
+    let after = app.api_call(Method::GET, &path, KEY, None).await.json();
+    assert_eq!(after["attempts"], before["attempts"], "{after}");
+    assert_ne!(after["last_error"], "retry requested by an operator");
+}
+
+#[tokio::test]
 async fn code_checks_from_one_ip_across_verifications_are_limited() {
     let app = spawn_app_with("[limits]\ncode_checks_per_client_ip = [\"6/1m\"]\n").await;
     let mut ids = Vec::new();

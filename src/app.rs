@@ -431,7 +431,7 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
         let worker_transport = transport.clone();
         let mail_ready = mail_ready.clone();
         let wcfg = WorkerConfig {
-            lease: Duration::from_secs(cfg.delivery.lease_seconds),
+            lease: cfg.email_lease(),
             retry: cfg.delivery.retry_policy(),
             max_per_second: cfg.delivery.max_per_second,
             concurrency: cfg.delivery.workers,
@@ -454,7 +454,7 @@ pub async fn build(mut cfg: Config, opts: BuildOptions) -> Result<Running, Error
     if let Some(lane) = callback_lane(&cfg)? {
         let service = service.clone();
         let wcfg = WorkerConfig {
-            lease: Duration::from_secs(cfg.delivery.lease_seconds).max(cfg.callbacks.timeout() * 2),
+            lease: cfg.callback_lease(),
             retry: crate::outbox::retry::RetryPolicy {
                 max_attempts: u32::MAX,
                 ..cfg.delivery.retry_policy()

@@ -9,10 +9,16 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Added to the longest SMTP send for the email lease ([`Config::email_lease`]): that bound
+/// already has every network step at its timeout; the margin covers what no timeout bounds,
+/// rendering and DKIM signing before the send and the outcome's write after it.
+pub const SEND_LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Errors while loading or checking configuration.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +230,14 @@ pub struct Delivery {
     /// Deliveries attempted at once. Default 4.
     pub workers: usize,
     /// How long a claimed entry stays leased to a worker before another may take it,
-    /// in seconds. Default 60.
+    /// in seconds. Default 60. A worker claims an entry when it starts the attempt, so the
+    /// lease only has to outlast one attempt; each lane raises it to cover its slowest one:
+    /// with `transport = "smtp"` the email lease is at least the longest one SMTP send can take
+    /// with every step at its `[smtp]` timeout (`connect_timeout_ms + data_timeout_ms +
+    /// (pool_size + 5) x command_timeout_ms`) plus 5 s, which is 345 s with the defaults
+    /// ([`Config::email_lease`]); the callback lease is at least twice `callbacks.timeout_ms`
+    /// ([`Config::callback_lease`]). An entry whose worker died (a crash) waits this long
+    /// before another attempt.
     pub lease_seconds: u64,
     /// First retry waits up to this long (full jitter), milliseconds. Default 3000.
     pub retry_base_ms: u64,
@@ -657,6 +670,31 @@ impl Config {
         Ok(())
     }
 
+    /// How long the email lane's claims last: `delivery.lease_seconds`, raised with the smtp
+    /// transport to the longest one send can take
+    /// ([`SmtpConfig::longest_send`](crate::outbox::smtp::SmtpConfig::longest_send)) plus
+    /// [`SEND_LEASE_MARGIN`]. A lease that runs out while its attempt is still sending lets
+    /// another worker pass send the same mail again.
+    pub fn email_lease(&self) -> Duration {
+        let lease = Duration::from_secs(self.delivery.lease_seconds);
+        match self.delivery.transport {
+            Transport::Smtp => lease.max(
+                self.smtp
+                    .transport_config()
+                    .longest_send()
+                    .saturating_add(SEND_LEASE_MARGIN),
+            ),
+            Transport::File | Transport::Log => lease,
+        }
+    }
+
+    /// How long the callback lane's claims last: `delivery.lease_seconds`, at least twice
+    /// `callbacks.timeout_ms` (the deadline of one callback attempt).
+    pub fn callback_lease(&self) -> Duration {
+        Duration::from_secs(self.delivery.lease_seconds)
+            .max(self.callbacks.timeout().saturating_mul(2))
+    }
+
     /// Checks values that parse but make no sense.
     ///
     /// # Errors
@@ -887,6 +925,37 @@ mod tests {
         assert_eq!(c.listen.public.to_string(), "127.0.0.1:8025");
         assert_eq!(c.delivery.transport, Transport::File);
         assert_eq!(c.verification.max_attempts, 5);
+    }
+
+    #[test]
+    fn the_email_lease_covers_the_slowest_smtp_send_and_the_callback_lease_two_timeouts() {
+        let d = from_toml("").expect("defaults");
+        assert_eq!(d.email_lease(), Duration::from_secs(60), "file transport");
+        assert_eq!(
+            d.callback_lease(),
+            Duration::from_secs(60),
+            "2 x 15 s is less"
+        );
+        let smtp = from_toml("[delivery]\ntransport = \"smtp\"\n").expect("smtp");
+        // 340 s of timeouts (SmtpConfig::longest_send) + the margin.
+        assert_eq!(smtp.email_lease(), Duration::from_secs(345));
+        let quick = from_toml(
+            "[delivery]\ntransport = \"smtp\"\nlease_seconds = 1\n[smtp]\nconnect_timeout_ms = 1000\ncommand_timeout_ms = 1000\ndata_timeout_ms = 1000\npool_size = 0\n[callbacks]\ntimeout_ms = 40000\n",
+        )
+        .expect("short timeouts");
+        assert_eq!(
+            quick.email_lease(),
+            Duration::from_secs(7) + SEND_LEASE_MARGIN
+        );
+        assert_eq!(quick.callback_lease(), Duration::from_secs(80));
+        let long = from_toml("[delivery]\ntransport = \"smtp\"\nlease_seconds = 3600\n")
+            .expect("long lease");
+        assert_eq!(
+            long.email_lease(),
+            Duration::from_secs(3600),
+            "never lowered"
+        );
+        assert_eq!(long.callback_lease(), Duration::from_secs(3600));
     }
 
     #[test]

@@ -31,7 +31,16 @@ pub const CHECK_RESULTS: [&str; 6] = [
 ];
 /// Delivery outcomes counted by `verigate_outbox_attempts_total{lane,outcome}`.
 /// `unreadable`: an entry that cannot be decoded, taken out of the due index (`outbox::worker`).
-pub const OUTCOMES: [&str; 5] = ["delivered", "retry", "failed", "dropped", "unreadable"];
+/// `stale`: an attempt ended after its entry had changed (its lease ran out, or an operator
+/// retried it), and its outcome was not recorded over the newer state.
+pub const OUTCOMES: [&str; 6] = [
+    "delivered",
+    "retry",
+    "failed",
+    "dropped",
+    "unreadable",
+    "stale",
+];
 
 /// All metrics of the daemon.
 #[derive(Debug, Clone)]

@@ -15,6 +15,17 @@
 //! A claimed entry stays `Scheduled` with `due_at` moved to the end of its lease, so an entry
 //! whose worker died is claimed again when the lease runs out: delivery is at-least-once, and
 //! each mail carries a stable `Message-ID` so a repeat is recognisable.
+//!
+//! Leases, invariants:
+//! - A worker claims an entry only when a delivery slot is free for it, and starts the attempt
+//!   right away, so the lease runs from the attempt's start.
+//! - Each lane's lease outlasts its slowest attempt (`Config::email_lease`: every SMTP timeout
+//!   of one send plus a margin; `Config::callback_lease`: twice the callback timeout), so a
+//!   live attempt is not claimed again.
+//! - An outcome is written only while its claim still holds: the entry is `Scheduled` with the
+//!   attempt count and lease end its claim wrote. Otherwise it is dropped and counted as
+//!   `verigate_outbox_attempts_total{outcome="stale"}`, except that a stale delivery still
+//!   completes a `Scheduled` entry (the mail went out). A finished entry is never changed.
 
 pub mod admin;
 pub mod retry;

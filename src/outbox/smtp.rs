@@ -157,6 +157,27 @@ impl Default for SmtpConfig {
     }
 }
 
+impl SmtpConfig {
+    /// The longest one [`SmtpTransport::send`] can take when every network step runs into its
+    /// timeout: NOOP checks of stale pooled sessions (up to `pool_size` of them), MAIL FROM on
+    /// a pooled session that turns out dead, a new session (`connect_timeout_ms`), MAIL, RCPT
+    /// and DATA one at a time, the message with its final reply (`data_timeout_ms`), and RSET
+    /// after a failed transaction. That is `connect + data + (pool_size + 5) x command`:
+    /// 340 s with the defaults. The outbox leases a mail at least this long (plus a margin), so
+    /// a slow attempt keeps its claim until it ends.
+    pub fn longest_send(&self) -> Duration {
+        // NOOPs, the dead session's MAIL FROM, MAIL, RCPT, DATA, RSET.
+        let commands = u64::try_from(self.pool_size)
+            .unwrap_or(u64::MAX)
+            .saturating_add(5);
+        Duration::from_millis(
+            self.connect_timeout_ms
+                .saturating_add(self.data_timeout_ms)
+                .saturating_add(commands.saturating_mul(self.command_timeout_ms)),
+        )
+    }
+}
+
 impl fmt::Debug for SmtpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SmtpConfig")

@@ -1,7 +1,10 @@
-//! The outbox workers, one loop per lane: claim due entries with a lease, deliver them (mail
-//! through the transport, callbacks through the signed HTTP sender), and record the outcome.
-//! Claims go through the single store writer, so one entry is never claimed twice within a
-//! lease; an entry whose worker died is claimed again when its lease runs out.
+//! The outbox workers, one loop per lane: take the free delivery slots, claim as many due
+//! entries with a lease, deliver them (mail through the transport, callbacks through the signed
+//! HTTP sender), and record the outcome. Claims go through the single store writer, so one
+//! entry is never claimed twice within a lease; an entry whose worker died is claimed again
+//! when its lease runs out. A claim is taken only when its attempt can start, so the lease runs
+//! from the attempt's start, and an outcome is written only while its claim still holds
+//! ([`outcome_applies`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +24,9 @@ use crate::templates::MailContext;
 use crate::verification::service::{Error, Service};
 use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
 
-/// Entries one worker pass looks at.
+/// Most entries one worker pass claims. A pass claims no more than it has free delivery slots
+/// for (`concurrency`, usually fewer than this), so every claimed entry starts its attempt at
+/// once.
 const CLAIM_BATCH: usize = 64;
 /// Deliveries whose outcome is still being written, at most. A delivery frees its slot (one of
 /// `concurrency`) as soon as the relay or the app has answered, so the next one starts while
@@ -182,8 +187,14 @@ pub async fn run(
     }
 }
 
-/// One pass: claims what is due and delivers it. Returns how many due entries it handled
-/// (claimed, or taken out of the due index without a delivery).
+/// One pass: takes the free delivery slots, claims at most that many due entries and starts
+/// their deliveries. Returns how many due entries it handled (claimed, or taken out of the due
+/// index without a delivery): anything but 0 means the next pass may find more due at once.
+///
+/// Slots come first and the claim second, so a claim's lease starts when its attempt does.
+/// (Claiming a whole batch and then waiting for a slot per entry let the lease of entries late
+/// in the batch run out before they even started; a later pass then claimed and sent them
+/// again while the first send was still running.)
 async fn pass(
     service: &Service,
     transport: &Deliverer,
@@ -193,12 +204,26 @@ async fn pass(
     shutdown: &watch::Receiver<bool>,
     cursor: &mut Cursor,
 ) -> Result<usize, Error> {
+    // On shutdown, stop before claiming: whatever is claimed from here on is delivered, and
+    // `run` waits for it.
+    let Some(mut slots) = take_permits(sem, CLAIM_BATCH, shutdown).await else {
+        return Ok(0);
+    };
+    // Immediate unless outcome writes stall: there are RECORDING of these for `concurrency`
+    // slots.
+    let Some(mut records) = take_permits(recording, slots.num_permits(), shutdown).await else {
+        return Ok(0);
+    };
+    if let Some(surplus) = slots.split(slots.num_permits() - records.num_permits()) {
+        drop(surplus);
+    }
+    let room = slots.num_permits();
     let now = service.now();
     let lane = transport.lane();
     let after = cursor.start(service.store().take_due_low(lane));
     let seen = service
         .store()
-        .read(move |r| r.due(lane, after, now, CLAIM_BATCH))
+        .read(move |r| r.due(lane, after, now, room))
         .await;
     let seen = match seen {
         Ok(s) => s,
@@ -212,7 +237,22 @@ async fn pass(
     }
     let resume = cursor.after;
     cursor.advance(&seen);
+    if let Some(p) = pacer.filter(|_| lane == Lane::Email) {
+        // One pacing cell per entry, before the claim: waiting for the pacer is not part of
+        // an attempt, so it does not run down the lease. On shutdown nothing is claimed.
+        let mut stop = shutdown.clone();
+        for _ in 0..seen.len() {
+            tokio::select! {
+                () = p.until_ready() => {}
+                _ = stop.changed() => {
+                    cursor.after = resume;
+                    return Ok(0);
+                }
+            }
+        }
+    }
     let lease = cfg.lease;
+    let now = service.now();
     // Unsynced: a claim lost in a crash only makes the entry due again (see write_unsynced).
     let claim = service
         .store()
@@ -263,45 +303,19 @@ async fn pass(
     // is followed by another pass at once, like a batch of deliveries.
     let n = claimed.len() + dropped + failed.len() + unreadable.len();
     for c in claimed {
-        // On shutdown, entries claimed but not started keep their lease and are claimed again
-        // when it runs out (after a restart): stopping does not wait for the whole batch.
-        if *shutdown.borrow() {
-            break;
-        }
-        let mut stop = shutdown.clone();
-        let permit = tokio::select! {
-            p = sem.clone().acquire_owned() => p,
-            _ = stop.changed() => break,
-        };
-        let Ok(permit) = permit else {
-            break;
-        };
-        // Immediate unless outcome writes stall: there are RECORDING of these for
-        // `concurrency` slots.
-        let Ok(record) = recording.clone().acquire_owned().await else {
+        // At most `room` entries were claimed, and there is a slot and a record permit for
+        // each; the rest go back when `slots` and `records` drop.
+        let (Some(slot), Some(record)) = (slots.split(1), records.split(1)) else {
+            tracing::error!(entry = %c.entry.id, "claimed more entries than free slots; the entry is attempted again when its lease runs out");
             break;
         };
         let service = service.clone();
         let transport = transport.clone();
         let retry = cfg.retry;
-        let pacer = if lane == Lane::Email {
-            pacer.cloned()
-        } else {
-            None
-        };
-        let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Some(p) = pacer {
-                // Waiting for a pacing cell is not a delivery in progress: on shutdown the
-                // entry keeps its lease and is claimed again after the restart.
-                tokio::select! {
-                    () = p.until_ready() => {}
-                    _ = stop.changed() => return,
-                }
-            }
             match &transport {
-                Deliverer::Mail(t) => deliver(&service, t, retry, c, permit).await,
-                Deliverer::Callbacks(cb) => deliver_callback(&service, cb, retry, c, permit).await,
+                Deliverer::Mail(t) => deliver(&service, t, retry, c, slot).await,
+                Deliverer::Callbacks(cb) => deliver_callback(&service, cb, retry, c, slot).await,
             }
             drop(record);
         });
@@ -396,6 +410,30 @@ fn claim(
     Ok(out)
 }
 
+/// Waits for one permit of `sem`, then adds every other one that is free right now, up to
+/// `max` in all. `None` once `shutdown` turns true (or `sem` is closed).
+async fn take_permits(
+    sem: &Arc<tokio::sync::Semaphore>,
+    max: usize,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if *shutdown.borrow() || max == 0 {
+        return None;
+    }
+    let mut stop = shutdown.clone();
+    let mut permits = tokio::select! {
+        p = sem.clone().acquire_owned() => p.ok()?,
+        _ = stop.changed() => return None,
+    };
+    while permits.num_permits() < max {
+        match sem.clone().try_acquire_owned() {
+            Ok(p) => permits.merge(p),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
 /// Renders the mail for a claimed entry. A failure here is permanent (the code's key was
 /// removed, or a template is broken): retrying would not help.
 fn compose(
@@ -488,12 +526,16 @@ async fn deliver(
         Outcome::Retry { .. } => "retry",
         Outcome::Reject { .. } => "failed",
     };
+    let claimed = c.entry.clone();
     let r = service
         .store()
-        .write(move |tx| -> Result<(), Error> {
+        .write(move |tx| -> Result<&'static str, Error> {
             let Some(mut e) = tx.outbox(id)? else {
-                return Ok(());
+                return Ok(label);
             };
+            if !outcome_applies(&claimed, &e, &outcome) {
+                return Ok(STALE);
+            }
             let mut v = tx.verification(e.verification)?;
             if let Some(v) = v.as_mut() {
                 v.delivery.attempts = e.attempts;
@@ -556,11 +598,14 @@ async fn deliver(
                 }
             }
             tx.put_outbox(&e)?;
-            Ok(())
+            Ok(label)
         })
         .await;
     match r {
-        Ok(()) => {
+        Ok(label) => {
+            if label == STALE {
+                log_stale(&c.entry, "email");
+            }
             count_attempt(service, "email", label, created_at, done_at);
             if label == "failed"
                 && let Some(v) = &c.verification
@@ -619,12 +664,16 @@ async fn deliver_callback(
         Outcome::Retry { .. } => "retry",
         Outcome::Reject { .. } => "failed",
     };
+    let claimed = c.entry.clone();
     let r = service
         .store()
         .write(move |tx| -> Result<&'static str, Error> {
             let Some(mut e) = tx.outbox(id)? else {
                 return Ok(label);
             };
+            if !outcome_applies(&claimed, &e, &outcome) {
+                return Ok(STALE);
+            }
             let event = match &e.payload {
                 Payload::Callback(job) => job.event.clone(),
                 Payload::Email(_) => String::new(),
@@ -676,12 +725,49 @@ async fn deliver_callback(
         .await;
     match r {
         Ok(label) => {
+            if label == STALE {
+                log_stale(&c.entry, "callback");
+            }
             count_attempt(service, "callback", label, c.entry.created_at, done_at);
         }
         Err(e) => {
             tracing::error!(error = %e, entry = %id, "cannot record callback outcome; the lease will expire and it will be retried")
         }
     }
+}
+
+/// The `outcome` label of an attempt whose outcome was not recorded (see [`outcome_applies`]).
+const STALE: &str = "stale";
+
+/// Whether the outcome of an attempt may be written over the entry as it stands now.
+/// `claimed` is the entry as this attempt's claim wrote it, `current` as the outcome's write
+/// reads it.
+///
+/// The attempt still holds its claim when the entry is scheduled with the attempt count and
+/// lease end its claim gave it: nothing was written to it since. Otherwise the outcome is
+/// stale (a later claim took the entry after this lease ran out, an operator retried it, or
+/// another attempt's outcome is already written), and writing it could undo a newer one: a
+/// late retry would set a delivered verification back to retrying, a late rejection would fail
+/// a verification whose mail went out. Stale outcomes are dropped, with one exception: a
+/// stale delivery still completes an entry that is scheduled again (waiting for a retry, or
+/// claimed by a newer attempt), because the mail did go out and recording it spares another
+/// copy. An entry that is delivered, failed or dropped is never changed.
+fn outcome_applies(claimed: &OutboxEntry, current: &OutboxEntry, outcome: &Outcome) -> bool {
+    if current.state != State::Scheduled {
+        return false;
+    }
+    let held = current.attempts == claimed.attempts && current.due_at == claimed.due_at;
+    held || matches!(outcome, Outcome::Delivered)
+}
+
+/// Logs an outcome that [`outcome_applies`] dropped.
+fn log_stale(claimed: &OutboxEntry, lane: &str) {
+    tracing::warn!(
+        entry = %claimed.id,
+        lane,
+        attempt = claimed.attempts,
+        "an attempt's outcome was not recorded: the entry changed since its claim (its lease ran out during the attempt, or an operator retried it); raise delivery.lease_seconds if this repeats"
+    );
 }
 
 /// Counts one recorded attempt of `lane` (and its latency, when delivered).
@@ -705,7 +791,9 @@ fn count_attempt(
 mod tests {
     use super::*;
     use crate::config::StoreConfig;
+    use crate::id::{MessageId, VerificationId};
     use crate::outbox::CallbackJob;
+    use crate::outbox::EmailJob;
     use crate::store::{Store, codec};
 
     fn pos(at: u64, b: u8) -> DuePosition {
@@ -931,5 +1019,113 @@ mod tests {
                 .is_none()
         );
         assert_eq!(r.scheduled_count(Lane::Callback).expect("count"), 2);
+    }
+
+    /// An email entry as a claim leaves it: scheduled, `attempts`, leased until `lease_end`.
+    fn claimed(attempts: u32, lease_end: u64) -> OutboxEntry {
+        let mut e = OutboxEntry::new(
+            MessageId::from_bytes([1; 16]),
+            VerificationId::from_bytes([2; 16]),
+            "shop",
+            UnixTime(1_000),
+            Payload::Email(EmailJob {
+                message_id: "m@x.test".into(),
+                from: "Shop <no-reply@shop.test>".into(),
+                to: "a@x.test".into(),
+                envelope_to: "a@x.test".into(),
+            }),
+        );
+        e.attempts = attempts;
+        e.due_at = UnixTime(lease_end);
+        e
+    }
+
+    #[test]
+    fn an_outcome_is_recorded_only_while_its_claim_holds_except_a_late_delivery() {
+        let delivered = Outcome::Delivered;
+        let retry = Outcome::Retry {
+            reason: "451".into(),
+            after: None,
+        };
+        let reject = Outcome::Reject {
+            reason: "550".into(),
+        };
+        let claim = claimed(1, 61_000);
+        let finished = |state| OutboxEntry {
+            state,
+            ..claim.clone()
+        };
+        // (the entry as the outcome finds it, outcome, recorded?)
+        let table = [
+            // Untouched since the claim: every outcome is recorded.
+            (claim.clone(), &delivered, true),
+            (claim.clone(), &retry, true),
+            (claim.clone(), &reject, true),
+            // Claimed again after the lease ran out: only a delivery is still news.
+            (claimed(2, 130_000), &retry, false),
+            (claimed(2, 130_000), &reject, false),
+            (claimed(2, 130_000), &delivered, true),
+            // Retried by an operator (attempts reset, due now), then claimed again at once:
+            // same attempt count, another lease.
+            (claimed(1, 70_000), &retry, false),
+            (claimed(0, 5_000), &reject, false),
+            // Another attempt's outcome is already written: nothing changes a finished entry.
+            (finished(State::Delivered), &retry, false),
+            (finished(State::Delivered), &reject, false),
+            (finished(State::Delivered), &delivered, false),
+            (finished(State::Failed), &delivered, false),
+            (finished(State::Dropped), &delivered, false),
+        ];
+        for (i, (current, outcome, want)) in table.into_iter().enumerate() {
+            assert_eq!(
+                outcome_applies(&claim, &current, outcome),
+                want,
+                "case {i}: {current:?} {outcome:?}"
+            );
+        }
+    }
+
+    fn never() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+        watch::channel(false)
+    }
+
+    #[tokio::test]
+    async fn a_pass_takes_every_free_slot_up_to_its_limit() {
+        let (_tx, rx) = never();
+        let sem = Arc::new(tokio::sync::Semaphore::new(3));
+        let held = sem.clone().try_acquire_owned().expect("a free permit");
+        let got = take_permits(&sem, CLAIM_BATCH, &rx).await.expect("permits");
+        assert_eq!(got.num_permits(), 2, "the two free ones, not the held one");
+        assert_eq!(sem.available_permits(), 0);
+        drop((got, held));
+        let big = Arc::new(tokio::sync::Semaphore::new(100));
+        let got = take_permits(&big, CLAIM_BATCH, &rx).await.expect("permits");
+        assert_eq!(got.num_permits(), CLAIM_BATCH);
+        assert_eq!(big.available_permits(), 100 - CLAIM_BATCH);
+    }
+
+    #[tokio::test]
+    async fn a_pass_waits_for_a_slot_and_gives_up_on_shutdown() {
+        let (tx, rx) = never();
+        let sem = Arc::new(tokio::sync::Semaphore::new(1));
+        let held = sem.clone().try_acquire_owned().expect("the permit");
+        let waiting = tokio::spawn({
+            let (sem, rx) = (sem.clone(), rx.clone());
+            async move { take_permits(&sem, 4, &rx).await.map(|p| p.num_permits()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no slot is free yet");
+        drop(held);
+        assert_eq!(waiting.await.expect("task"), Some(1));
+        let held = sem.clone().try_acquire_owned().expect("the permit");
+        let waiting = tokio::spawn({
+            let (sem, rx) = (sem.clone(), rx.clone());
+            async move { take_permits(&sem, 4, &rx).await.is_some() }
+        });
+        tokio::task::yield_now().await;
+        tx.send(true).expect("receivers alive");
+        assert!(!waiting.await.expect("task"), "shutdown ends the wait");
+        assert!(take_permits(&sem, 4, &rx).await.is_none(), "and no new one");
+        drop(held);
     }
 }

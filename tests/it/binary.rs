@@ -190,9 +190,11 @@ async fn queued_mail_survives_sigkill_and_every_message_is_delivered_after_resta
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg_path = dir.path().join("config.toml");
     // A slow relay: pacing at 150/s keeps most of the queue pending when the kill comes. Short
-    // leases so that entries claimed by the killed process are claimed again soon.
+    // leases so that entries claimed by the killed process are claimed again soon: the email
+    // lease covers the longest send, so the SMTP timeouts are short too (1 s each: a lease of
+    // 16 s with the default pool of 4).
     let extra = format!(
-        "[delivery]\ntransport = \"smtp\"\nmax_per_second = 150\nlease_seconds = 2\nretry_base_ms = 100\nready_requires_transport = false\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nhelo_name = \"verigate.test\"\n[limits]\nper_address = []\nper_domain = []\nper_app = []\n",
+        "[delivery]\ntransport = \"smtp\"\nmax_per_second = 150\nlease_seconds = 2\nretry_base_ms = 100\nready_requires_transport = false\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nhelo_name = \"verigate.test\"\nconnect_timeout_ms = 1000\ncommand_timeout_ms = 1000\ndata_timeout_ms = 1000\n[limits]\nper_address = []\nper_domain = []\nper_app = []\n",
         relay.port()
     );
     std::fs::write(

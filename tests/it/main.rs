@@ -11,6 +11,7 @@ mod callbacks;
 mod delivery;
 mod dns;
 mod http_limits;
+mod lease;
 mod ratelimit;
 mod smtp;
 mod verify_flow;

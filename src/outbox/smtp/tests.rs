@@ -307,6 +307,32 @@ fn the_config_has_documented_defaults() {
 }
 
 #[test]
+fn the_longest_send_adds_up_every_timeout_one_send_can_run_into() {
+    let d = SmtpConfig::default();
+    // 10 s connect + 60 s data + (4 NOOPs + dead MAIL FROM + MAIL + RCPT + DATA + RSET) x 30 s.
+    assert_eq!(d.longest_send(), Duration::from_secs(340));
+    let c = SmtpConfig {
+        connect_timeout_ms: 1_000,
+        command_timeout_ms: 100,
+        data_timeout_ms: 2_000,
+        pool_size: 0,
+        ..SmtpConfig::default()
+    };
+    assert_eq!(c.longest_send(), Duration::from_millis(3_500));
+    let huge = SmtpConfig {
+        connect_timeout_ms: u64::MAX,
+        command_timeout_ms: u64::MAX,
+        pool_size: usize::MAX,
+        ..SmtpConfig::default()
+    };
+    assert_eq!(
+        huge.longest_send(),
+        Duration::from_millis(u64::MAX),
+        "saturates"
+    );
+}
+
+#[test]
 fn an_unknown_config_key_is_an_error_that_names_it() {
     let e = serde_json::from_str::<SmtpConfig>(r#"{"hostname": "x"}"#)
         .err()

@@ -5,6 +5,7 @@
 //!   sessions (one EHLO per session), so connection reuse is observable.
 //! - [`ScriptedSmtp`]: a small hand-written tokio server for what mailin cannot do: never
 //!   greet, drop the connection during DATA, 421 at MAIL, close idle sessions, refuse AUTH,
+//!   answer each message's data late or with a chosen code ([`ScriptedSmtp::on_message`]),
 //!   STARTTLS and implicit TLS with a self-signed certificate ([`SelfSigned`], from rcgen),
 //!   PIPELINING (RFC 2920) held to the letter, and noticing a client that pipelines unasked. It
 //!   builds its TLS config on the `ring` provider explicitly, like the transport, so no test
@@ -19,7 +20,9 @@
 //! ```
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -256,6 +259,10 @@ enum Fault {
     Close421AtMail,
 }
 
+/// Decides the final reply to a message, given its index (0 for the first message whose data
+/// arrived, across sessions): may wait first (a slow relay) or act on the test's behalf.
+type OnMessage = Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = u16> + Send>> + Send + Sync>;
+
 /// How a [`ScriptedSmtp`] does TLS.
 #[derive(Clone)]
 enum Tls {
@@ -280,6 +287,8 @@ pub struct ScriptedSmtp {
     pipelining: bool,
     /// Answers DATA with 354 even when no recipient was accepted (a broken relay).
     data_without_recipients: bool,
+    /// The final reply to each message (default: 250 at once).
+    on_message: Option<OnMessage>,
 }
 
 impl Default for ScriptedSmtp {
@@ -300,6 +309,7 @@ impl ScriptedSmtp {
             fault_connections: usize::MAX,
             pipelining: false,
             data_without_recipients: false,
+            on_message: None,
         }
     }
 
@@ -315,6 +325,19 @@ impl ScriptedSmtp {
     /// answer 554 (RFC 2920 §3.1).
     pub fn data_without_recipients(mut self) -> Self {
         self.data_without_recipients = true;
+        self
+    }
+
+    /// Once a message's data has arrived, awaits `f(index)` (index 0 is the first message
+    /// whose data arrived, across sessions) and answers with the code it yields: 2xx accepts
+    /// and captures the message, 4xx or 5xx refuses it. The future may sleep (a slow relay),
+    /// wait for the test, or move a clock.
+    pub fn on_message<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = u16> + Send + 'static,
+    {
+        self.on_message = Some(Arc::new(move |i| Box::pin(f(i))));
         self
     }
 
@@ -386,6 +409,7 @@ impl ScriptedSmtp {
             connections: Arc::new(AtomicUsize::new(0)),
             commands: Arc::new(Mutex::new(Vec::new())),
             unasked_pipelining: Arc::new(AtomicUsize::new(0)),
+            data_seen: Arc::new(AtomicUsize::new(0)),
         };
         let script = Arc::new(self);
         let shared = handle.clone();
@@ -510,12 +534,27 @@ impl ScriptedSmtp {
                         return Ok(());
                     }
                     current.data = read_data(&mut io).await?;
+                    let index = shared.data_seen.fetch_add(1, Ordering::SeqCst);
+                    let code = match &self.on_message {
+                        Some(f) => f(index).await,
+                        None => 250,
+                    };
+                    if !(200..300).contains(&code) {
+                        current = Captured::default();
+                        let text = if code < 500 {
+                            "4.3.0 try again later"
+                        } else {
+                            "5.7.1 message refused"
+                        };
+                        reply(&mut io, &format!("{code} {text}\r\n")).await?;
+                        continue;
+                    }
                     shared
                         .inbox
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(std::mem::take(&mut current));
-                    reply(&mut io, "250 2.0.0 queued\r\n").await?;
+                    reply(&mut io, &format!("{code} 2.0.0 queued\r\n")).await?;
                     delivered += 1;
                     if self.close_after_messages == Some(delivered) {
                         return Ok(());
@@ -559,6 +598,8 @@ pub struct ScriptedHandle {
     connections: Arc<AtomicUsize>,
     commands: Arc<Mutex<Vec<String>>>,
     unasked_pipelining: Arc<AtomicUsize>,
+    /// Messages whose data arrived, accepted or not.
+    data_seen: Arc<AtomicUsize>,
 }
 
 impl ScriptedHandle {

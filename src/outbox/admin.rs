@@ -37,15 +37,17 @@ pub async fn list(
 ) -> Result<Value> {
     let app = app.to_string();
     let limit = limit.clamp(1, MAX_PAGE);
-    let page = service
+    let (page, next) = service
         .store()
         .read(move |r| {
             let mut out: Vec<(MessageId, Value)> = Vec::new();
             let mut cursor = after;
             let mut scanned = 0;
+            let mut at_end = false;
             while out.len() < limit && scanned < SCAN_LIMIT {
                 let batch = r.outbox_page(cursor, 1000)?;
                 let Some(last) = batch.last() else {
+                    at_end = true;
                     break;
                 };
                 scanned += batch.len();
@@ -62,16 +64,32 @@ pub async fn list(
                 }));
             }
             out.truncate(limit);
-            Ok(out)
+            let next = next_after(&out, limit, at_end, cursor);
+            Ok((out, next))
         })
         .await?;
-    let next = (page.len() == limit)
-        .then(|| page.last().map(|(id, _)| id.to_string()))
-        .flatten();
     Ok(json!({
         "entries": page.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-        "next_after": next,
+        "next_after": next.map(|id| id.to_string()),
     }))
+}
+
+/// Where the next page starts: after the last entry of a full page; after the last entry
+/// scanned when the scan limit stopped a page short (the rest of the outbox is not read yet,
+/// so a short or even empty page is then not the last); nowhere at the end of the outbox.
+fn next_after<T>(
+    page: &[(MessageId, T)],
+    limit: usize,
+    at_end: bool,
+    scanned_to: Option<MessageId>,
+) -> Option<MessageId> {
+    if page.len() >= limit {
+        page.last().map(|(id, _)| *id)
+    } else if at_end {
+        None
+    } else {
+        scanned_to
+    }
 }
 
 fn record_id(r: &OutboxRecord) -> MessageId {
@@ -198,4 +216,26 @@ pub async fn drop_entry(service: &Service, app: &str, id: &str) -> Result<Value>
         tracing::warn!(entry = %id, app, %error, "dropped an outbox entry that cannot be decoded");
     }
     Ok(json!({"id": id.to_string(), "deleted": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(b: u8) -> MessageId {
+        MessageId::from_bytes([b; 16])
+    }
+
+    #[test]
+    fn a_page_cut_short_by_the_scan_limit_still_says_where_to_go_on() {
+        let two = [(id(1), ()), (id(2), ())];
+        // A full page goes on after its last entry, even if the scan went further.
+        assert_eq!(next_after(&two, 2, false, Some(id(9))), Some(id(2)));
+        // Short because the outbox ended: the last page.
+        assert_eq!(next_after(&two, 3, true, Some(id(9))), None);
+        assert_eq!(next_after::<()>(&[], 3, true, None), None);
+        // Short (or empty) because the scan limit stopped it: go on after what was scanned.
+        assert_eq!(next_after(&two, 3, false, Some(id(9))), Some(id(9)));
+        assert_eq!(next_after::<()>(&[], 3, false, Some(id(9))), Some(id(9)));
+    }
 }

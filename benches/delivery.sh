@@ -350,8 +350,8 @@ log "disk fdatasync (200 x 4 KiB append + fdatasync): $FSYNC"
 # (connect_timeout_ms is set beyond the fill's duration) and nothing is delivered, without a
 # single failed attempt while the creates run. At the end: SIGTERM to verigate, then SIGKILL to
 # the stopped sink; the waiting attempts fail at once as retries (retry_base_ms = 1: due again
-# within milliseconds; a worker claims only as many entries as it has free slots, so no other
-# entry is leased), and the worker sees the shutdown and stops. No probe (ready_requires_transport =
+# within milliseconds; the rest of the claimed batch is released as the worker stops), and the
+# worker sees the shutdown and stops. No probe (ready_requires_transport =
 # false), or the readiness probe would hang on the stopped sink too.
 FILL_SINK_OUT="$TMP/fill-sink.out"
 FILL_SINK_PID=$(start_sink "$FILL_SINK_PORT" 64 "$FILL_SINK_OUT")
@@ -601,7 +601,7 @@ echo "  first and the last delivery seen at the sink / that time. vg-cpu, sink-c
 echo "  window in % of one core; other: everything else on the machine then (the 20 ms watcher is ~1-2%), % of one"
 echo "  core; machine: all $NCPU cores busy %. us/msg: verigate CPU per message. conns: verigate_smtp_connections_opened_total (W pooled"
 echo "  sessions + 1 readiness probe expected). ops/commit (commits): verigate_store_ops_total /"
-echo "  verigate_store_commits_total: each delivery is one claim (a claim write takes as many due entries as there are free slots) and one outcome write;"
+echo "  verigate_store_commits_total: each delivery is one claim (64 entries per claim batch) and one outcome write;"
 echo "  every commit is one fdatasync. send-ms: mean verigate_smtp_send_duration_seconds (MAIL..final reply)."
 echo "  RSS: VmRSS / VmHWM (peak) of verigate at the end of the drain."
 echo

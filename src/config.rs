@@ -230,8 +230,8 @@ pub struct Delivery {
     /// Deliveries attempted at once. Default 4.
     pub workers: usize,
     /// How long a claimed entry stays leased to a worker before another may take it,
-    /// in seconds. Default 60. A worker claims an entry when it starts the attempt, so the
-    /// lease only has to outlast one attempt; each lane raises it to cover its slowest one:
+    /// in seconds. Default 60. An attempt renews its entry's lease as it starts (when the claim
+    /// waited), so the lease only has to outlast one attempt; each lane raises it to cover its slowest one:
     /// with `transport = "smtp"` the email lease is at least the longest one SMTP send can take
     /// with every step at its `[smtp]` timeout (`connect_timeout_ms + data_timeout_ms +
     /// (pool_size + 5) x command_timeout_ms`) plus 5 s, which is 345 s with the defaults

@@ -17,8 +17,10 @@
 //! each mail carries a stable `Message-ID` so a repeat is recognisable.
 //!
 //! Leases, invariants:
-//! - A worker claims an entry only when a delivery slot is free for it, and starts the attempt
-//!   right away, so the lease runs from the attempt's start.
+//! - A worker claims due entries in batches; an attempt that starts more than 2 s after its
+//!   claim (it waited for a slot or the pacer) renews the lease first, so every attempt has a
+//!   whole lease from its start. Entries claimed and not started when the worker stops are
+//!   released: due at once, their attempt uncounted.
 //! - Each lane's lease outlasts its slowest attempt (`Config::email_lease`: every SMTP timeout
 //!   of one send plus a margin; `Config::callback_lease`: twice the callback timeout), so a
 //!   live attempt is not claimed again.

@@ -1,10 +1,10 @@
-//! The outbox workers, one loop per lane: take the free delivery slots, claim as many due
-//! entries with a lease, deliver them (mail through the transport, callbacks through the signed
-//! HTTP sender), and record the outcome. Claims go through the single store writer, so one
-//! entry is never claimed twice within a lease; an entry whose worker died is claimed again
-//! when its lease runs out. A claim is taken only when its attempt can start, so the lease runs
-//! from the attempt's start, and an outcome is written only while its claim still holds
-//! ([`outcome_applies`]).
+//! The outbox workers, one loop per lane: claim due entries with a lease (a batch per write),
+//! deliver them as slots free (mail through the transport, callbacks through the signed HTTP
+//! sender), and record the outcome. Claims go through the single store writer, so one entry is
+//! never claimed twice within a lease; an entry whose worker died is claimed again when its
+//! lease runs out. An attempt that starts late renews its claim's lease first ([`hold`]), claims
+//! not started are released when the worker stops ([`release`]), and an outcome is written only
+//! while its claim still holds ([`outcome_applies`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,9 +24,7 @@ use crate::templates::MailContext;
 use crate::verification::service::{Error, Service};
 use crate::verification::{CallbackState, DeliveryStatus, Status, Verification};
 
-/// Most entries one worker pass claims. A pass claims no more than it has free delivery slots
-/// for (`concurrency`, usually fewer than this), so every claimed entry starts its attempt at
-/// once.
+/// Most entries one worker pass claims (one store write for all of them).
 const CLAIM_BATCH: usize = 64;
 /// Deliveries whose outcome is still being written, at most. A delivery frees its slot (one of
 /// `concurrency`) as soon as the relay or the app has answered, so the next one starts while
@@ -187,14 +185,16 @@ pub async fn run(
     }
 }
 
-/// One pass: takes the free delivery slots, claims at most that many due entries and starts
-/// their deliveries. Returns how many due entries it handled (claimed, or taken out of the due
-/// index without a delivery): anything but 0 means the next pass may find more due at once.
+/// One pass: claims what is due (a batch) and starts each delivery as a slot frees. Returns
+/// how many due entries it handled (claimed, or taken out of the due index without a
+/// delivery): anything but 0 means the next pass may find more due at once.
 ///
-/// Slots come first and the claim second, so a claim's lease starts when its attempt does.
-/// (Claiming a whole batch and then waiting for a slot per entry let the lease of entries late
-/// in the batch run out before they even started; a later pass then claimed and sent them
-/// again while the first send was still running.)
+/// A claim's lease is meant to cover one attempt from its start, and entries late in a batch
+/// wait for a slot (and the pacer) first: an attempt that starts more than [`RENEW_AFTER`]
+/// after its claim renews the lease before it sends ([`hold`]). Otherwise a batch of slow sends
+/// would outlast the leases of the entries still waiting, and a later pass would claim and send
+/// them again while the first attempt was still running. Entries claimed but not started when
+/// the worker stops are released ([`release`]): due again at once, not after their lease.
 async fn pass(
     service: &Service,
     transport: &Deliverer,
@@ -204,26 +204,12 @@ async fn pass(
     shutdown: &watch::Receiver<bool>,
     cursor: &mut Cursor,
 ) -> Result<usize, Error> {
-    // On shutdown, stop before claiming: whatever is claimed from here on is delivered, and
-    // `run` waits for it.
-    let Some(mut slots) = take_permits(sem, CLAIM_BATCH, shutdown).await else {
-        return Ok(0);
-    };
-    // Immediate unless outcome writes stall: there are RECORDING of these for `concurrency`
-    // slots.
-    let Some(mut records) = take_permits(recording, slots.num_permits(), shutdown).await else {
-        return Ok(0);
-    };
-    if let Some(surplus) = slots.split(slots.num_permits() - records.num_permits()) {
-        drop(surplus);
-    }
-    let room = slots.num_permits();
     let now = service.now();
     let lane = transport.lane();
     let after = cursor.start(service.store().take_due_low(lane));
     let seen = service
         .store()
-        .read(move |r| r.due(lane, after, now, room))
+        .read(move |r| r.due(lane, after, now, CLAIM_BATCH))
         .await;
     let seen = match seen {
         Ok(s) => s,
@@ -237,20 +223,6 @@ async fn pass(
     }
     let resume = cursor.after;
     cursor.advance(&seen);
-    if let Some(p) = pacer.filter(|_| lane == Lane::Email) {
-        // One pacing cell per entry, before the claim: waiting for the pacer is not part of
-        // an attempt, so it does not run down the lease. On shutdown nothing is claimed.
-        let mut stop = shutdown.clone();
-        for _ in 0..seen.len() {
-            tokio::select! {
-                () = p.until_ready() => {}
-                _ = stop.changed() => {
-                    cursor.after = resume;
-                    return Ok(0);
-                }
-            }
-        }
-    }
     let lease = cfg.lease;
     let now = service.now();
     // Unsynced: a claim lost in a crash only makes the entry due again (see write_unsynced).
@@ -302,12 +274,17 @@ async fn pass(
     // Everything taken off the due index counts: a batch of only unreadable or dropped entries
     // is followed by another pass at once, like a batch of deliveries.
     let n = claimed.len() + dropped + failed.len() + unreadable.len();
-    for c in claimed {
-        // At most `room` entries were claimed, and there is a slot and a record permit for
-        // each; the rest go back when `slots` and `records` drop.
-        let (Some(slot), Some(record)) = (slots.split(1), records.split(1)) else {
-            tracing::error!(entry = %c.entry.id, "claimed more entries than free slots; the entry is attempted again when its lease runs out");
+    let mut waiting = claimed.into_iter();
+    while let Some(c) = waiting.next() {
+        let Some((slot, record)) = start_slot(sem, recording, pacer, lane, shutdown).await else {
+            // Stopping: what was claimed and not started is due again at once.
+            release(service, std::iter::once(c).chain(waiting).collect()).await;
             break;
+        };
+        // Renewed (when it waited) before the pass returns: the next pass must not find this
+        // claim's lease run out while its attempt is about to start.
+        let Some(c) = hold(service, c, lease).await else {
+            continue;
         };
         let service = service.clone();
         let transport = transport.clone();
@@ -321,6 +298,131 @@ async fn pass(
         });
     }
     Ok(n)
+}
+
+/// What an attempt needs before it starts: a delivery slot, a permit to record its outcome
+/// (immediate unless outcome writes stall: there are RECORDING of these for `concurrency`
+/// slots) and, for mail, a pacing cell. `None` once `shutdown` turns true.
+async fn start_slot(
+    sem: &Arc<tokio::sync::Semaphore>,
+    recording: &Arc<tokio::sync::Semaphore>,
+    pacer: Option<&Arc<Pacer>>,
+    lane: Lane,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<(
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let mut stop = shutdown.clone();
+    if *stop.borrow_and_update() {
+        return None;
+    }
+    let ready = async {
+        let slot = sem.clone().acquire_owned().await.ok()?;
+        let record = recording.clone().acquire_owned().await.ok()?;
+        if let Some(p) = pacer.filter(|_| lane == Lane::Email) {
+            p.until_ready().await;
+        }
+        Some((slot, record))
+    };
+    tokio::select! {
+        r = ready => r,
+        _ = stop.changed() => None,
+    }
+}
+
+/// An attempt that starts this long after its claim renews its lease first ([`hold`]). Below
+/// every lease's margin over the attempt it covers (5 s for mail, a whole timeout for
+/// callbacks), so an attempt that starts sooner still has its whole attempt covered.
+const RENEW_AFTER: Duration = Duration::from_secs(2);
+
+/// The claim of `c` as it stands in the store: still scheduled, with the attempt count and lease
+/// end the claim (or a renewal) wrote.
+fn still_held(current: &OutboxEntry, c: &OutboxEntry) -> bool {
+    current.state == State::Scheduled
+        && current.attempts == c.attempts
+        && current.due_at == c.due_at
+}
+
+/// Makes sure `c`'s lease covers its attempt from now: a claim older than [`RENEW_AFTER`] gets
+/// its lease renewed to `now + lease`. `None` if the claim no longer holds (its lease ran out
+/// and another pass claimed the entry, or an operator retried it: that attempt goes ahead, this
+/// one is not made) or the renewal could not be written (the entry is attempted again when its
+/// lease runs out).
+async fn hold(service: &Service, mut c: Claimed, lease: Duration) -> Option<Claimed> {
+    let now = service.now();
+    if now < c.entry.due_at.minus(lease).plus(RENEW_AFTER) {
+        return Some(c);
+    }
+    let claimed = c.entry.clone();
+    // Unsynced, as the claim: a renewal lost in a crash leaves the claim's earlier lease end.
+    let renewed = service
+        .store()
+        .write_unsynced(move |tx| -> Result<Option<UnixTime>, Error> {
+            match tx.outbox(claimed.id)? {
+                Some(mut e) if still_held(&e, &claimed) => {
+                    e.due_at = now.plus(lease);
+                    tx.put_outbox(&e)?;
+                    Ok(Some(e.due_at))
+                }
+                _ => Ok(None),
+            }
+        })
+        .await;
+    match renewed {
+        Ok(Some(until)) => {
+            c.entry.due_at = until;
+            Some(c)
+        }
+        Ok(None) => {
+            let lane = c.entry.lane().as_str();
+            log_stale(&c.entry, lane);
+            service
+                .metrics()
+                .outbox_attempts
+                .with_label_values(&[lane, STALE])
+                .inc();
+            None
+        }
+        Err(e) => {
+            tracing::warn!(entry = %c.entry.id, error = %e, "could not renew an outbox lease; the entry is attempted again when the lease runs out");
+            None
+        }
+    }
+}
+
+/// Gives back the claims of entries that were not started (the worker is stopping): each one
+/// still held is due now, with its attempt uncounted, so a restart takes it at once instead
+/// of after its lease. A failure only leaves the leases to run out.
+async fn release(service: &Service, claimed: Vec<Claimed>) {
+    if claimed.is_empty() {
+        return;
+    }
+    let now = service.now();
+    let entries: Vec<OutboxEntry> = claimed.into_iter().map(|c| c.entry).collect();
+    let released = service
+        .store()
+        .write(move |tx| -> Result<usize, Error> {
+            let mut n = 0;
+            for c in &entries {
+                if let Some(mut e) = tx.outbox(c.id)?
+                    && still_held(&e, c)
+                {
+                    e.attempts = e.attempts.saturating_sub(1);
+                    e.due_at = now;
+                    tx.put_outbox(&e)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await;
+    match released {
+        Ok(n) => tracing::debug!(released = n, "released the claims of entries not started"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release claims on shutdown; the entries are attempted again when their leases run out");
+        }
+    }
 }
 
 /// What one claim did.
@@ -408,30 +510,6 @@ fn claim(
         });
     }
     Ok(out)
-}
-
-/// Waits for one permit of `sem`, then adds every other one that is free right now, up to
-/// `max` in all. `None` once `shutdown` turns true (or `sem` is closed).
-async fn take_permits(
-    sem: &Arc<tokio::sync::Semaphore>,
-    max: usize,
-    shutdown: &watch::Receiver<bool>,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    if *shutdown.borrow() || max == 0 {
-        return None;
-    }
-    let mut stop = shutdown.clone();
-    let mut permits = tokio::select! {
-        p = sem.clone().acquire_owned() => p.ok()?,
-        _ = stop.changed() => return None,
-    };
-    while permits.num_permits() < max {
-        match sem.clone().try_acquire_owned() {
-            Ok(p) => permits.merge(p),
-            Err(_) => break,
-        }
-    }
-    Some(permits)
 }
 
 /// Renders the mail for a claimed entry. A failure here is permanent (the code's key was
@@ -1083,49 +1161,5 @@ mod tests {
                 "case {i}: {current:?} {outcome:?}"
             );
         }
-    }
-
-    fn never() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-        watch::channel(false)
-    }
-
-    #[tokio::test]
-    async fn a_pass_takes_every_free_slot_up_to_its_limit() {
-        let (_tx, rx) = never();
-        let sem = Arc::new(tokio::sync::Semaphore::new(3));
-        let held = sem.clone().try_acquire_owned().expect("a free permit");
-        let got = take_permits(&sem, CLAIM_BATCH, &rx).await.expect("permits");
-        assert_eq!(got.num_permits(), 2, "the two free ones, not the held one");
-        assert_eq!(sem.available_permits(), 0);
-        drop((got, held));
-        let big = Arc::new(tokio::sync::Semaphore::new(100));
-        let got = take_permits(&big, CLAIM_BATCH, &rx).await.expect("permits");
-        assert_eq!(got.num_permits(), CLAIM_BATCH);
-        assert_eq!(big.available_permits(), 100 - CLAIM_BATCH);
-    }
-
-    #[tokio::test]
-    async fn a_pass_waits_for_a_slot_and_gives_up_on_shutdown() {
-        let (tx, rx) = never();
-        let sem = Arc::new(tokio::sync::Semaphore::new(1));
-        let held = sem.clone().try_acquire_owned().expect("the permit");
-        let waiting = tokio::spawn({
-            let (sem, rx) = (sem.clone(), rx.clone());
-            async move { take_permits(&sem, 4, &rx).await.map(|p| p.num_permits()) }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "no slot is free yet");
-        drop(held);
-        assert_eq!(waiting.await.expect("task"), Some(1));
-        let held = sem.clone().try_acquire_owned().expect("the permit");
-        let waiting = tokio::spawn({
-            let (sem, rx) = (sem.clone(), rx.clone());
-            async move { take_permits(&sem, 4, &rx).await.is_some() }
-        });
-        tokio::task::yield_now().await;
-        tx.send(true).expect("receivers alive");
-        assert!(!waiting.await.expect("task"), "shutdown ends the wait");
-        assert!(take_permits(&sem, 4, &rx).await.is_none(), "and no new one");
-        drop(held);
     }
 }

@@ -1,7 +1,7 @@
-//! Outbox leases against a slow relay: a mail is claimed only when its attempt starts (so a
-//! batch of slow sends does not outlast the leases of its own entries), and the outcome of an
-//! attempt whose lease ran out does not overwrite the outcome of the attempt that claimed the
-//! entry after it.
+//! Outbox leases against a slow relay: a claim's lease is renewed when its attempt starts (so a
+//! batch of slow sends does not outlast the leases of its own entries), claims not started
+//! are released when the daemon stops, and the outcome of an attempt whose lease ran out does
+//! not overwrite the outcome of the attempt that claimed the entry after it.
 //!
 //! The relay moves the daemon's clock while a message is in flight: persisted due times (and
 //! so leases) run on that clock, and the tests stay fast.
@@ -18,7 +18,7 @@ use crate::support::app::{KEY, SIGNING_K1, TestApp, start};
 use crate::support::fake_smtp::{ScriptedHandle, ScriptedSmtp};
 
 /// `delivery.lease_seconds` in these tests. It is above the floor the smtp timeouts below set
-/// (1 s connect + 5 s data + 9 x 1 s commands + 30 s), so the lease is exactly this.
+/// (1 s connect + 5 s data + 9 x 1 s commands + 5 s), so the lease is exactly this.
 const LEASE: Duration = Duration::from_secs(60);
 /// How long a relay-side wait for the test may last before the relay answers anyway.
 const GATE_LIMIT: Duration = Duration::from_secs(10);
@@ -83,11 +83,11 @@ async fn email_entry(app: &TestApp) -> Value {
     entry
 }
 
-/// Before the fix, a pass claimed every due entry (up to 64) in one write, leasing each for
-/// `lease_seconds` from then, and only then waited for a delivery slot per entry. With one
-/// slot and sends that each take 25 s of the daemon's clock, the entries late in a batch were
-/// past their lease before their turn came; the next pass claimed the last one again while its
-/// first send ran, and the mail went out twice.
+/// A pass claims every due entry (up to 64) in one write, leasing each for `lease_seconds` from
+/// then, and then waits for a delivery slot per entry. With one slot and sends that each take
+/// 25 s of the daemon's clock, the entries late in a batch are past their lease before their
+/// turn comes. Before the fix the next pass claimed the last one again while its first send
+/// ran, and the mail went out twice; now an attempt renews its claim's lease as it starts.
 #[tokio::test]
 async fn each_mail_goes_out_once_when_a_batch_of_slow_sends_outlasts_the_lease() {
     const MAILS: usize = 8;
@@ -140,6 +140,83 @@ async fn each_mail_goes_out_once_when_a_batch_of_slow_sends_outlasts_the_lease()
     let mut want: Vec<String> = (0..MAILS).map(|n| format!("m{n}@example.com")).collect();
     want.sort();
     assert_eq!(to, want, "every mail exactly once");
+}
+
+/// Entries claimed in a batch but not started when the daemon stops are released: due again
+/// at once, their attempt uncounted. Without that, a restart would wait out their leases (the
+/// manual clock here never gets there).
+#[tokio::test]
+async fn entries_claimed_but_not_started_are_released_when_the_daemon_stops() {
+    let clock = ManualClock::new();
+    let go = Arc::new(Notify::new());
+    let relay = ScriptedSmtp::new()
+        .on_message({
+            let go = go.clone();
+            move |i| {
+                let go = go.clone();
+                async move {
+                    if i == 0 {
+                        let _ = tokio::time::timeout(GATE_LIMIT, go.notified()).await;
+                    }
+                    250
+                }
+            }
+        })
+        .start()
+        .await;
+    let mut app = spawn(&relay, "workers = 1", clock.clone()).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(create(&app, &format!("r{n}@example.com")).await);
+    }
+    // The first mail holds the only slot at the relay; the second is claimed behind it (the
+    // pass waits for the slot, so the third is not claimed yet).
+    wait_for(
+        || async {
+            let list = app
+                .api_call(Method::GET, "/admin/v1/outbox", KEY, None)
+                .await
+                .json();
+            list["entries"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .filter(|e| e["kind"] == "email" && e["attempts"] == 1)
+                .count()
+        },
+        |n| *n == 2,
+    )
+    .await;
+    let gate = go.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gate.notify_one();
+    });
+    app.stop().await;
+    assert_eq!(
+        relay.messages().len(),
+        1,
+        "only the mail in flight went out"
+    );
+    let app = start(
+        app.dir.clone(),
+        &[SIGNING_K1],
+        &config(relay.port(), "workers = 1"),
+        clock,
+    )
+    .await;
+    for id in &ids {
+        let v = wait_for(
+            || async { app.get(id).await.json() },
+            |v| v["delivery"]["status"] == "sent",
+        )
+        .await;
+        assert_eq!(
+            v["delivery"]["attempts"], 1,
+            "the released claim is not an attempt: {v}"
+        );
+    }
+    assert_eq!(relay.messages().len(), 3);
 }
 
 /// One verification whose first attempt stalls at the relay past its lease (the relay moves

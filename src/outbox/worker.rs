@@ -224,7 +224,6 @@ async fn pass(
     let resume = cursor.after;
     cursor.advance(&seen);
     let lease = cfg.lease;
-    let now = service.now();
     // Unsynced: a claim lost in a crash only makes the entry due again (see write_unsynced).
     let claim = service
         .store()
@@ -831,11 +830,8 @@ const STALE: &str = "stale";
 /// claimed by a newer attempt), because the mail did go out and recording it spares another
 /// copy. An entry that is delivered, failed or dropped is never changed.
 fn outcome_applies(claimed: &OutboxEntry, current: &OutboxEntry, outcome: &Outcome) -> bool {
-    if current.state != State::Scheduled {
-        return false;
-    }
-    let held = current.attempts == claimed.attempts && current.due_at == claimed.due_at;
-    held || matches!(outcome, Outcome::Delivered)
+    still_held(current, claimed)
+        || (current.state == State::Scheduled && matches!(outcome, Outcome::Delivered))
 }
 
 /// Logs an outcome that [`outcome_applies`] dropped.

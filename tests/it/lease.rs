@@ -35,6 +35,25 @@ async fn spawn(relay: &ScriptedHandle, delivery: &str, clock: ManualClock) -> Te
     start(dir, &[SIGNING_K1], &config(relay.port(), delivery), clock).await
 }
 
+/// A relay that answers the data of its `i`-th message with `answer(i, clock, go)`: the test's
+/// clock and gate, so an answer can move the daemon's time or wait for the test.
+async fn relay<F, Fut>(clock: &ManualClock, go: &Arc<Notify>, answer: F) -> ScriptedHandle
+where
+    F: Fn(usize, ManualClock, Arc<Notify>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = u16> + Send + 'static,
+{
+    let (clock, go) = (clock.clone(), go.clone());
+    ScriptedSmtp::new()
+        .on_message(move |i| answer(i, clock.clone(), go.clone()))
+        .start()
+        .await
+}
+
+/// Waits until the test opens the gate (bounded by [`GATE_LIMIT`]).
+async fn gate(go: &Notify) {
+    let _ = tokio::time::timeout(GATE_LIMIT, go.notified()).await;
+}
+
 async fn create(app: &TestApp, email: &str) -> String {
     let r = app.create(json!({ "email": email })).await;
     assert_eq!(r.status, 202, "{}", r.text());
@@ -94,25 +113,17 @@ async fn each_mail_goes_out_once_when_a_batch_of_slow_sends_outlasts_the_lease()
     const SEND: Duration = Duration::from_secs(25);
     let clock = ManualClock::new();
     let go = Arc::new(Notify::new());
-    let relay = ScriptedSmtp::new()
-        .on_message({
-            let (clock, go) = (clock.clone(), go.clone());
-            move |i| {
-                let (clock, go) = (clock.clone(), go.clone());
-                async move {
-                    // The first message waits until every verification exists, so the rest
-                    // are due together while it holds the only slot.
-                    if i == 0 {
-                        let _ = tokio::time::timeout(GATE_LIMIT, go.notified()).await;
-                    }
-                    clock.advance(SEND);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    250
-                }
-            }
-        })
-        .start()
-        .await;
+    let relay = relay(&clock, &go, |i, clock, go| async move {
+        // The first message waits until every verification exists, so the rest are due
+        // together while it holds the only slot.
+        if i == 0 {
+            gate(&go).await;
+        }
+        clock.advance(SEND);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        250
+    })
+    .await;
     assert!(
         SEND < LEASE && SEND * 3 > LEASE,
         "one send fits in a lease; a batch of four does not"
@@ -149,21 +160,13 @@ async fn each_mail_goes_out_once_when_a_batch_of_slow_sends_outlasts_the_lease()
 async fn entries_claimed_but_not_started_are_released_when_the_daemon_stops() {
     let clock = ManualClock::new();
     let go = Arc::new(Notify::new());
-    let relay = ScriptedSmtp::new()
-        .on_message({
-            let go = go.clone();
-            move |i| {
-                let go = go.clone();
-                async move {
-                    if i == 0 {
-                        let _ = tokio::time::timeout(GATE_LIMIT, go.notified()).await;
-                    }
-                    250
-                }
-            }
-        })
-        .start()
-        .await;
+    let relay = relay(&clock, &go, |i, _, go| async move {
+        if i == 0 {
+            gate(&go).await;
+        }
+        250
+    })
+    .await;
     let mut app = spawn(&relay, "workers = 1", clock.clone()).await;
     let mut ids = Vec::new();
     for n in 0..3 {
@@ -230,23 +233,15 @@ async fn first_attempt_answered_after_the_second(
 ) -> (TestApp, ScriptedHandle, String) {
     let clock = ManualClock::new();
     let go = Arc::new(Notify::new());
-    let relay = ScriptedSmtp::new()
-        .on_message({
-            let (clock, go) = (clock.clone(), go.clone());
-            move |i| {
-                let (clock, go) = (clock.clone(), go.clone());
-                async move {
-                    if i > 0 {
-                        return second;
-                    }
-                    clock.advance(LEASE * 2);
-                    let _ = tokio::time::timeout(GATE_LIMIT, go.notified()).await;
-                    first
-                }
-            }
-        })
-        .start()
-        .await;
+    let relay = relay(&clock, &go, move |i, clock, go| async move {
+        if i > 0 {
+            return second;
+        }
+        clock.advance(LEASE * 2);
+        gate(&go).await;
+        first
+    })
+    .await;
     // Two slots, so the second claim need not wait for the stalled attempt; a retry waits
     // far longer than the test.
     let app = spawn(&relay, "workers = 2\nretry_base_ms = 600000", clock).await;

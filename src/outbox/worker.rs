@@ -617,7 +617,8 @@ async fn deliver(
             if let Some(v) = v.as_mut() {
                 v.delivery.attempts = e.attempts;
             }
-            match outcome {
+            // What is recorded: a retry that is not made is a drop or a failure.
+            let recorded = match outcome {
                 Outcome::Delivered => {
                     e.state = State::Delivered;
                     e.delivered_at = Some(done_at);
@@ -635,6 +636,7 @@ async fn deliver(
                             svc.callback(tx, v, "verification.sent", done_at)?;
                         }
                     }
+                    label
                 }
                 Outcome::Retry { reason, after } => {
                     let expired = v
@@ -649,12 +651,14 @@ async fn deliver(
                                 v.delivery.last_error = Some(reason);
                                 tx.put_verification(v)?;
                             }
+                            label
                         }
                         _ if expired => {
                             e.state = State::Dropped;
                             e.last_error = Some(format!(
                                 "{reason}; not retried: the verification is no longer pending"
                             ));
+                            "dropped"
                         }
                         _ => {
                             e.state = State::Failed;
@@ -663,6 +667,7 @@ async fn deliver(
                             if let Some(v) = v.as_mut() {
                                 svc.mark_delivery_failed(tx, v, &reason, done_at)?;
                             }
+                            "failed"
                         }
                     }
                 }
@@ -672,10 +677,11 @@ async fn deliver(
                     if let Some(v) = v.as_mut() {
                         svc.mark_delivery_failed(tx, v, &reason, done_at)?;
                     }
+                    label
                 }
-            }
+            };
             tx.put_outbox(&e)?;
-            Ok(label)
+            Ok(recorded)
         })
         .await;
     match r {

@@ -112,6 +112,34 @@ async fn a_451_then_250_is_delivered_once_after_a_backoff() {
 }
 
 #[tokio::test]
+async fn the_last_deferral_is_counted_as_a_failure_not_a_retry() {
+    let relay = FakeSmtp::new()
+        .defer_times("tired@example.com", 451, 10)
+        .start();
+    let app = spawn_app_with(&smtp_config(relay.port(), "max_attempts = 2")).await;
+    let id = create(&app, json!({"email": "tired@example.com"})).await;
+    let v = wait_until(&app, &id, |v| v["status"] == "delivery_failed").await;
+    assert_eq!(v["delivery"]["attempts"], 2, "{v}");
+    let m = app.running().service.metrics().render();
+    for (series, n) in [
+        (
+            "verigate_outbox_attempts_total{lane=\"email\",outcome=\"retry\"}",
+            1,
+        ),
+        (
+            "verigate_outbox_attempts_total{lane=\"email\",outcome=\"failed\"}",
+            1,
+        ),
+        (
+            "verigate_verifications_total{event=\"delivery_failed\",method=\"link\"}",
+            1,
+        ),
+    ] {
+        assert!(m.contains(&format!("{series} {n}\n")), "{series} {n}:\n{m}");
+    }
+}
+
+#[tokio::test]
 async fn a_550_fails_for_good_and_queues_the_delivery_failed_callback() {
     let relay = FakeSmtp::new().reject("gone@example.com", 550).start();
     let app = spawn_app_with(&smtp_config(relay.port(), "")).await;

@@ -374,13 +374,7 @@ async fn hold(service: &Service, mut c: Claimed, lease: Duration) -> Option<Clai
             Some(c)
         }
         Ok(None) => {
-            let lane = c.entry.lane().as_str();
-            log_stale(&c.entry, lane);
-            service
-                .metrics()
-                .outbox_attempts
-                .with_label_values(&[lane, STALE])
-                .inc();
+            count_attempt(service, &c.entry, STALE, now);
             None
         }
         Err(e) => {
@@ -596,7 +590,6 @@ async fn deliver(
     drop(slot);
     let done_at = service.now();
     let id = c.entry.id;
-    let created_at = c.entry.created_at;
     let svc = service.clone();
     let label = match &outcome {
         Outcome::Delivered => "delivered",
@@ -686,10 +679,7 @@ async fn deliver(
         .await;
     match r {
         Ok(label) => {
-            if label == STALE {
-                log_stale(&c.entry, "email");
-            }
-            count_attempt(service, "email", label, created_at, done_at);
+            count_attempt(service, &c.entry, label, done_at);
             if label == "failed"
                 && let Some(v) = &c.verification
             {
@@ -808,10 +798,7 @@ async fn deliver_callback(
         .await;
     match r {
         Ok(label) => {
-            if label == STALE {
-                log_stale(&c.entry, "callback");
-            }
-            count_attempt(service, "callback", label, c.entry.created_at, done_at);
+            count_attempt(service, &c.entry, label, done_at);
         }
         Err(e) => {
             tracing::error!(error = %e, entry = %id, "cannot record callback outcome; the lease will expire and it will be retried")
@@ -840,30 +827,25 @@ fn outcome_applies(claimed: &OutboxEntry, current: &OutboxEntry, outcome: &Outco
         || (current.state == State::Scheduled && matches!(outcome, Outcome::Delivered))
 }
 
-/// Logs an outcome that [`outcome_applies`] dropped.
-fn log_stale(claimed: &OutboxEntry, lane: &str) {
-    tracing::warn!(
-        entry = %claimed.id,
-        lane,
-        attempt = claimed.attempts,
-        "an attempt's outcome was not recorded: the entry changed since its claim (its lease ran out during the attempt, or an operator retried it); raise delivery.lease_seconds if this repeats"
-    );
-}
-
-/// Counts one recorded attempt of `lane` (and its latency, when delivered).
-fn count_attempt(
-    service: &Service,
-    lane: &str,
-    outcome: &str,
-    created_at: UnixTime,
-    done_at: UnixTime,
-) {
+/// Counts one attempt of the `claimed` entry by its `outcome` (and its latency, when
+/// delivered). A [`STALE`] one, whose claim no longer held (see [`outcome_applies`] and
+/// [`hold`]), is logged too.
+fn count_attempt(service: &Service, claimed: &OutboxEntry, outcome: &str, done_at: UnixTime) {
+    let lane = claimed.lane().as_str();
+    if outcome == STALE {
+        tracing::warn!(
+            entry = %claimed.id,
+            lane,
+            attempt = claimed.attempts,
+            "an attempt's outcome was not recorded: the entry changed since its claim (its lease ran out during the attempt, or an operator retried it); raise delivery.lease_seconds if this repeats"
+        );
+    }
     let m = service.metrics();
     m.outbox_attempts.with_label_values(&[lane, outcome]).inc();
     if outcome == "delivered" {
         m.delivery_latency
             .with_label_values(&[lane])
-            .observe(created_at.until(done_at).as_secs_f64());
+            .observe(claimed.created_at.until(done_at).as_secs_f64());
     }
 }
 
